@@ -1,0 +1,1 @@
+"""Model manifests shipped with the package (installed as ``sct_deepseg_epi.models``)."""

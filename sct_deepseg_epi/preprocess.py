@@ -1,0 +1,121 @@
+"""Stage 2, preprocess: a RAS volume -> a batch of network inputs on the model grid, and the undo.
+
+Only the axial plane is resampled (EPI slices are thick and few, and the model is 2D with
+optional neighbouring slices as channels). Resampling is separable and linear: one small
+matrix per axis, so going to the model grid and back are two cheap matrix products.
+Training uses these same functions, so what the network sees at inference is exactly what
+it saw while learning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .registry.manifest import ModelSpec, Normalisation
+
+
+@lru_cache(maxsize=64)
+def interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights mapping samples on one grid to another covering the same extent.
+
+    Upsampling interpolates linearly between voxel centres; downsampling averages the area
+    each output voxel covers, so thin structures are not aliased away. Rows sum to 1.
+    """
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    if n_in == 1:
+        m[:, 0] = 1.0
+    elif n_out >= n_in:
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        frac = (src - lo).astype(np.float32)
+        np.add.at(m, (np.arange(n_out), lo), 1 - frac)
+        np.add.at(m, (np.arange(n_out), hi), frac)
+    else:
+        scale = n_in / n_out
+        for j in range(n_out):
+            a, b = j * scale, (j + 1) * scale
+            for i in range(int(np.floor(a)), min(int(np.ceil(b)), n_in)):
+                m[j, i] = (min(b, i + 1) - max(a, i)) / scale
+    m.setflags(write=False)
+    return m
+
+
+def model_grid_shape(shape_xy: tuple[int, int], zooms_xy: tuple[float, float],
+                     spacing_xy: tuple[float, float]) -> tuple[int, int]:
+    """In-plane shape on the model grid: same field of view, spacing as close to the model's as fits."""
+    return tuple(max(1, int(round(n * z / s))) for n, z, s in zip(shape_xy, zooms_xy, spacing_xy))  # type: ignore[return-value]
+
+
+def resample_inplane(arr: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
+    """Resample the first two axes of ``arr`` (X, Y, ...) to ``shape_xy``; other axes untouched."""
+    nx, ny = arr.shape[:2]
+    if (nx, ny) == tuple(shape_xy):
+        return np.asarray(arr, dtype=np.float32)
+    mx, my = interp_matrix(nx, shape_xy[0]), interp_matrix(ny, shape_xy[1])
+    a = np.asarray(arr, dtype=np.float32)
+    a = np.tensordot(mx, a, axes=(1, 0))  # (X', Y, ...)
+    a = np.tensordot(my, a, axes=(1, 1))  # (Y', X', ...)
+    return np.ascontiguousarray(np.swapaxes(a, 0, 1))
+
+
+def normalise(arr: np.ndarray, norm: Normalisation) -> np.ndarray:
+    """Intensity normalisation over the whole volume, as the manifest declares."""
+    a = np.asarray(arr, dtype=np.float32)
+    if norm.clip_percentiles is not None and norm.scheme != "none":
+        lo, hi = np.percentile(a, norm.clip_percentiles)
+        a = np.clip(a, lo, hi)
+    if norm.scheme == "zscore":
+        std = float(a.std())
+        return ((a - float(a.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
+    if norm.scheme == "percentile":
+        lo, hi = float(a.min()), float(a.max())
+        return ((a - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
+    return a
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Network input for one volume plus what is needed to map outputs back.
+
+    ``batch`` is (Z, C, H, W): one item per axial slice, C = neighbouring slices.
+    """
+
+    batch: np.ndarray
+    native_xy: tuple[int, int]
+    model_xy: tuple[int, int]
+    pad: tuple[tuple[int, int], tuple[int, int]]
+
+
+def _pad_amounts(n: int, multiple: int) -> tuple[int, int]:
+    total = (-n) % multiple
+    return total // 2, total - total // 2
+
+
+def slice_stack(vol: np.ndarray, context: int) -> np.ndarray:
+    """(H, W, Z) -> (Z, 2*context+1, H, W), edge slices repeated at the ends."""
+    z = vol.shape[2]
+    idx = np.clip(np.arange(z)[:, None] + np.arange(-context, context + 1)[None, :], 0, z - 1)
+    return np.ascontiguousarray(np.moveaxis(vol, 2, 0)[idx])
+
+
+def prepare(vol_ras: np.ndarray, zooms: tuple[float, float, float], spec: ModelSpec,
+            model_xy: tuple[int, int] | None = None) -> Prepared:
+    """Resample in-plane to the model spacing, normalise, stack slices, pad to the size multiple."""
+    native_xy = (int(vol_ras.shape[0]), int(vol_ras.shape[1]))
+    if model_xy is None:
+        model_xy = model_grid_shape(native_xy, zooms[:2], spec.spacing_mm)
+    vol = normalise(resample_inplane(vol_ras, model_xy), spec.normalisation)
+    pad = (_pad_amounts(model_xy[0], spec.size_multiple), _pad_amounts(model_xy[1], spec.size_multiple))
+    vol = np.pad(vol, (pad[0], pad[1], (0, 0)), mode="constant", constant_values=float(vol.min()))
+    return Prepared(slice_stack(vol, spec.context_slices), native_xy, model_xy, pad)
+
+
+def restore(maps: np.ndarray, prep: Prepared) -> np.ndarray:
+    """Network-grid maps (Z, H, W) -> native RAS grid (X, Y, Z): unpad, resample back."""
+    (a0, a1), (b0, b1) = prep.pad
+    h, w = maps.shape[1:]
+    cropped = maps[:, a0:h - a1, b0:w - b1]
+    return resample_inplane(np.moveaxis(cropped, 0, 2), prep.native_xy)

@@ -1,0 +1,1 @@
+"""The model registry: manifests (what a model is), the store (where it lives), downloads."""

@@ -1,0 +1,274 @@
+"""Model manifests: the declarative description of a model, validated into a frozen ModelSpec.
+
+A manifest is ``manifest.json`` in a model folder. It says everything the engine needs
+to run the model: the ensemble members and their SHA-256, the input spacing and
+normalisation, test-time flips, threshold, postprocessing defaults, download mirrors
+and provenance. Code never branches on a model's name; it reads these fields.
+Unknown keys are errors so that a typo cannot silently fall back to a default.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from ..errors import ModelError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+NORMALISATION_SCHEMES = ("zscore", "percentile", "none")
+ACTIVATIONS = ("sigmoid", "softmax")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(vox|mm3)?$")
+# Free-form provenance sections: carried into sidecars and model cards, never read by the engine.
+_FREEFORM = ("training", "metrics", "provenance")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One ensemble member: an ONNX file and its checksum."""
+
+    file: str
+    sha256: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    scheme: str = "zscore"
+    clip_percentiles: tuple[float, float] | None = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    largest: bool = True
+    fill_holes: bool = True
+    remove_small: str = "0vox"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A validated model manifest. ``directory`` is where its member files are (None if remote)."""
+
+    name: str
+    version: str
+    description: str
+    members: tuple[Member, ...]
+    spacing_mm: tuple[float, float]
+    context_slices: int = 0
+    size_multiple: int = 16
+    normalisation: Normalisation = Normalisation()
+    activation: str = "sigmoid"
+    threshold: float = 0.5
+    tta_flip_axes: tuple[int, ...] = (0,)
+    postprocess: Postprocess = Postprocess()
+    license: str = ""
+    citation: str = ""
+    archive: str | None = None
+    archive_sha256: str | None = None
+    mirrors: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    directory: Path | None = None
+
+    @property
+    def ref(self) -> str:
+        """``name@version``, the form the CLI's ``-model`` takes."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.context_slices + 1
+
+    def member_paths(self) -> list[Path]:
+        if self.directory is None:
+            raise ModelError(f"model {self.ref} has no local folder; install it first")
+        return [self.directory / m.file for m in self.members]
+
+
+def parse_size(text: str) -> tuple[float, str]:
+    """Parse ``-remove-small`` values: ``'20'``, ``'20vox'`` or ``'15mm3'`` -> (value, unit)."""
+    m = _SIZE_RE.match(str(text).strip())
+    if not m:
+        raise ValueError(f"size must look like 20, 20vox or 15mm3, not {text!r}")
+    return float(m.group(1)), m.group(2) or "vox"
+
+
+def _take(d: dict, key: str, where: str, kind: type | tuple, default: Any = ...) -> Any:
+    if key not in d:
+        if default is ...:
+            raise ModelError(f"{where}: missing required field '{key}'")
+        return default
+    value = d.pop(key)
+    # bool is an int subclass: keep "true" out of numeric fields and 1 out of flags
+    if isinstance(value, bool) and kind not in (bool,) and not (isinstance(kind, tuple) and bool in kind):
+        raise ModelError(f"{where}: field '{key}' must be {kind}, not a boolean")
+    if not isinstance(value, kind):
+        raise ModelError(f"{where}: field '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _no_leftovers(d: dict, where: str) -> None:
+    if d:
+        raise ModelError(f"{where}: unknown field(s) {', '.join(sorted(d))}")
+
+
+def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory: Path | None = None) -> ModelSpec:
+    """Validate a manifest dictionary. Raises ModelError naming ``where`` and the bad field."""
+    d = json.loads(json.dumps(raw))  # deep copy, and proof that it is plain JSON
+    if not isinstance(d, dict):
+        raise ModelError(f"{where}: a manifest must be a JSON object")
+    schema = _take(d, "schema_version", where, int)
+    if schema != SCHEMA_VERSION:
+        raise ModelError(f"{where}: schema_version {schema} is not supported (this version reads {SCHEMA_VERSION})")
+    name = _take(d, "name", where, str)
+    version = _take(d, "version", where, str)
+    if not _NAME_RE.match(name):
+        raise ModelError(f"{where}: name {name!r} must be lower-case letters, digits and '_'")
+    if not _VERSION_RE.match(version):
+        raise ModelError(f"{where}: version {version!r} must be MAJOR.MINOR.PATCH")
+    description = _take(d, "description", where, str, "")
+
+    members = []
+    raw_members = _take(d, "members", where, list)
+    if not raw_members:
+        raise ModelError(f"{where}: 'members' must list at least one ONNX file")
+    for i, m in enumerate(raw_members):
+        w = f"{where}: members[{i}]"
+        if not isinstance(m, dict):
+            raise ModelError(f"{w} must be an object")
+        f = _take(m, "file", w, str)
+        if "/" in f or "\\" in f or f.startswith(".") or not f.endswith(".onnx"):
+            raise ModelError(f"{w}: file {f!r} must be a plain '*.onnx' name inside the model folder")
+        sha = _take(m, "sha256", w, str).lower()
+        if not _SHA_RE.match(sha):
+            raise ModelError(f"{w}: sha256 must be 64 hex digits")
+        size = _take(m, "size", w, int, None)
+        _no_leftovers(m, w)
+        members.append(Member(f, sha, size))
+    if len({m.file for m in members}) != len(members):
+        raise ModelError(f"{where}: member file names must be unique")
+
+    inp = _take(d, "input", where, dict)
+    w = f"{where}: input"
+    spacing = _take(inp, "spacing_mm", w, list)
+    if len(spacing) != 2 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in spacing):
+        raise ModelError(f"{w}: spacing_mm must be two positive numbers (in-plane x, y)")
+    context = _take(inp, "context_slices", w, int, 0)
+    multiple = _take(inp, "size_multiple", w, int, 16)
+    if context < 0 or multiple < 1:
+        raise ModelError(f"{w}: context_slices must be >= 0 and size_multiple >= 1")
+    norm_raw = _take(inp, "normalisation", w, dict, {})
+    wn = f"{w}.normalisation"
+    scheme = _take(norm_raw, "scheme", wn, str, "zscore")
+    if scheme not in NORMALISATION_SCHEMES:
+        raise ModelError(f"{wn}: scheme {scheme!r} is not one of {', '.join(NORMALISATION_SCHEMES)}")
+    clip = _take(norm_raw, "clip_percentiles", wn, (list, type(None)), [0.5, 99.5])
+    if clip is not None and (len(clip) != 2 or not 0 <= clip[0] < clip[1] <= 100):
+        raise ModelError(f"{wn}: clip_percentiles must be [low, high] with 0 <= low < high <= 100")
+    _no_leftovers(norm_raw, wn)
+    _no_leftovers(inp, w)
+
+    out = _take(d, "output", where, dict, {})
+    wo = f"{where}: output"
+    activation = _take(out, "activation", wo, str, "sigmoid")
+    if activation not in ACTIVATIONS:
+        raise ModelError(f"{wo}: activation must be one of {', '.join(ACTIVATIONS)}")
+    threshold = float(_take(out, "threshold", wo, (int, float), 0.5))
+    if not 0 < threshold < 1:
+        raise ModelError(f"{wo}: threshold must be strictly between 0 and 1")
+    _no_leftovers(out, wo)
+
+    tta = _take(d, "tta", where, dict, {})
+    flips = _take(tta, "flip_axes", f"{where}: tta", list, [0])
+    if any(a not in (0, 1) for a in flips) or len(set(flips)) != len(flips):
+        raise ModelError(f"{where}: tta.flip_axes may hold 0 (left-right) and 1 (anterior-posterior)")
+    _no_leftovers(tta, f"{where}: tta")
+
+    pp = _take(d, "postprocess", where, dict, {})
+    wp = f"{where}: postprocess"
+    post = Postprocess(
+        largest=_take(pp, "largest", wp, bool, True),
+        fill_holes=_take(pp, "fill_holes", wp, bool, True),
+        remove_small=str(_take(pp, "remove_small", wp, (str, int), "0vox")),
+    )
+    try:
+        parse_size(post.remove_small)
+    except ValueError as exc:
+        raise ModelError(f"{wp}: remove_small: {exc}") from None
+    _no_leftovers(pp, wp)
+
+    dl = _take(d, "download", where, dict, {})
+    wd = f"{where}: download"
+    archive = _take(dl, "archive", wd, (str, type(None)), None)
+    archive_sha = _take(dl, "sha256", wd, (str, type(None)), None)
+    if archive_sha is not None and not _SHA_RE.match(archive_sha.lower()):
+        raise ModelError(f"{wd}: sha256 must be 64 hex digits")
+    mirrors = _take(dl, "mirrors", wd, list, [])
+    if not all(isinstance(u, str) and u.startswith(("https://", "http://", "file://")) for u in mirrors):
+        raise ModelError(f"{wd}: mirrors must be http(s):// or file:// URLs")
+    _no_leftovers(dl, wd)
+
+    extra = {k: d.pop(k) for k in _FREEFORM if k in d}
+    for k in ("license", "citation"):
+        if k in d and not isinstance(d[k], str):
+            raise ModelError(f"{where}: field '{k}' must be a string")
+    lic, cit = d.pop("license", ""), d.pop("citation", "")
+    _no_leftovers(d, where)
+    return ModelSpec(
+        name=name, version=version, description=description, members=tuple(members),
+        spacing_mm=(float(spacing[0]), float(spacing[1])), context_slices=context,
+        size_multiple=multiple, normalisation=Normalisation(scheme, tuple(clip) if clip else None),
+        activation=activation, threshold=threshold, tta_flip_axes=tuple(flips), postprocess=post,
+        license=lic, citation=cit, archive=archive, archive_sha256=archive_sha.lower() if archive_sha else None,
+        mirrors=tuple(mirrors), extra=MappingProxyType(extra), directory=directory,
+    )
+
+
+def load_manifest(folder: Path) -> ModelSpec:
+    """Read and validate ``folder/manifest.json``; the spec's ``directory`` is ``folder``."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no model manifest here") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable JSON manifest ({exc})") from None
+    return spec_from_dict(raw, where=str(path), directory=Path(folder))
+
+
+def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
+    """The manifest dictionary of ``spec`` (inverse of :func:`spec_from_dict`)."""
+    d: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "name": spec.name, "version": spec.version,
+        "description": spec.description, "license": spec.license, "citation": spec.citation,
+        "members": [{"file": m.file, "sha256": m.sha256, **({"size": m.size} if m.size is not None else {})}
+                    for m in spec.members],
+        "input": {"spacing_mm": list(spec.spacing_mm), "context_slices": spec.context_slices,
+                  "size_multiple": spec.size_multiple,
+                  "normalisation": {"scheme": spec.normalisation.scheme,
+                                    "clip_percentiles": list(spec.normalisation.clip_percentiles)
+                                    if spec.normalisation.clip_percentiles else None}},
+        "output": {"activation": spec.activation, "threshold": spec.threshold},
+        "tta": {"flip_axes": list(spec.tta_flip_axes)},
+        "postprocess": {"largest": spec.postprocess.largest, "fill_holes": spec.postprocess.fill_holes,
+                        "remove_small": spec.postprocess.remove_small},
+        "download": {"archive": spec.archive, "sha256": spec.archive_sha256, "mirrors": list(spec.mirrors)},
+    }
+    d.update({k: v for k, v in spec.extra.items()})
+    return json.loads(json.dumps(d))
+
+
+def write_manifest(spec_or_dict: ModelSpec | Mapping[str, Any], folder: Path) -> Path:
+    """Validate and write ``folder/manifest.json`` (atomically)."""
+    d = spec_to_dict(spec_or_dict) if isinstance(spec_or_dict, ModelSpec) else dict(spec_or_dict)
+    spec_from_dict(d, where=str(folder))
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
