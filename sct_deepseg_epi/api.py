@@ -1,0 +1,304 @@
+"""The Python API: :func:`segment` runs the five stages; :func:`run` also writes the files.
+
+    read -> preprocess -> infer -> postprocess -> write
+
+This is the only module that knows the whole chain. It raises EpiSegError subclasses and
+never prints; the CLI turns them into one line.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import nibabel as nib
+import numpy as np
+
+from . import __version__
+from .errors import IntegrityError, ModelError
+from .infer import Ensemble
+from .postprocess import PostOptions, postprocess
+from .preprocess import prepare, restore
+from .read import Volume, from_image, read_volume
+from .registry import download, store
+from .registry.manifest import ModelSpec, load_manifest
+from .write import FrameWriter, check_output, default_output, derived_path, file_sha256, like, save_json, save_nifti, sidecar_path
+
+log = logging.getLogger(__name__)
+Mode4D = Literal["mean", "each"]
+_ENSEMBLES: dict[tuple, Ensemble] = {}
+
+
+def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: bool = True) -> ModelSpec:
+    """Find a model (``name[@version]``, a model folder, or a spec) and verify its files.
+
+    A model that is not on disk is downloaded from its mirrors when ``install`` is true;
+    a damaged copy in the cache is reinstalled, a damaged packaged copy is refused.
+    """
+    if isinstance(model, ModelSpec):
+        spec = model
+    elif isinstance(model, Path) or (isinstance(model, str) and ("/" in model or model.startswith("."))):
+        spec = load_manifest(Path(model))
+    else:
+        spec = store.resolve(model)
+    if not store.is_complete(spec) or spec.directory is None:
+        if not install or not spec.mirrors:
+            raise ModelError(f"model {spec.ref} is not installed; run: sct_deepseg_epi -install -model {spec.ref}"
+                             " (or -custom-url URL for an archive you have)")
+        log.info("model %s is not installed; downloading it", spec.ref)
+        spec = _install_or_explain(spec)
+    try:
+        store.verify(spec)
+    except IntegrityError:
+        if not (install and spec.mirrors and store.in_cache(spec)):
+            raise
+        log.warning("model %s is damaged; reinstalling it", spec.ref)
+        spec = _install_or_explain(spec)
+        store.verify(spec)
+    return spec
+
+
+def _install_or_explain(spec: ModelSpec) -> ModelSpec:
+    try:
+        return download.install_spec(spec)
+    except download.DownloadError as exc:
+        raise ModelError(f"model {spec.ref} is not installed and could not be downloaded ({exc}); "
+                         f"when online run: sct_deepseg_epi -install -model {spec.ref}") from None
+
+
+def get_ensemble(spec: ModelSpec, device: str = "auto", threads: int | None = None, tta: bool = True) -> Ensemble:
+    key = (spec.ref, str(spec.directory), device, threads, tta)
+    if key not in _ENSEMBLES:
+        _ENSEMBLES[key] = Ensemble(spec, device=device, threads=threads, tta=tta)
+    return _ENSEMBLES[key]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user chose; ``None`` means the model manifest's default."""
+
+    threshold: float | None = None
+    largest: bool | None = None
+    fill_holes: bool | None = None
+    remove_small: str | None = None
+    mode_4d: Mode4D = "mean"
+    device: str = "auto"
+    threads: int | None = None
+    tta: bool = True
+
+    def post(self, spec: ModelSpec) -> PostOptions:
+        p = spec.postprocess
+        return PostOptions(
+            threshold=spec.threshold if self.threshold is None else self.threshold,
+            largest=p.largest if self.largest is None else self.largest,
+            fill_holes=p.fill_holes if self.fill_holes is None else self.fill_holes,
+            remove_small=p.remove_small if self.remove_small is None else self.remove_small,
+        )
+
+
+@dataclass
+class Frame:
+    """One segmented 3D volume on the input's own axes."""
+
+    mask: np.ndarray          # uint8
+    probability: np.ndarray   # float32, ensemble mean
+    disagreement: np.ndarray  # float32, std across members
+
+
+@dataclass
+class Segmentation:
+    """The result of :func:`segment`: images on the input grid plus provenance."""
+
+    mask: nib.Nifti1Image
+    probability: nib.Nifti1Image
+    disagreement: nib.Nifti1Image
+    model: ModelSpec
+    provider: str
+    options: Options
+    source: str
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def provenance(self) -> dict[str, Any]:
+        return provenance(self.model, self.options, self.provider, self.source, self.timings,
+                          self.warnings, np.asarray(self.mask.dataobj))
+
+
+def _segment_array(data_ras: np.ndarray, vol: Volume, ens: Ensemble, post: PostOptions,
+                   timings: dict[str, float]) -> Frame:
+    t0 = time.perf_counter()
+    prep = prepare(data_ras, vol.zooms, ens.spec)
+    t1 = time.perf_counter()
+    out = ens.predict(prep.batch)
+    t2 = time.perf_counter()
+    prob = np.clip(restore(out.probability, prep), 0, 1)
+    dis = restore(out.disagreement, prep)
+    mask = postprocess(prob, post, float(np.prod(vol.zooms)))
+    t3 = time.perf_counter()
+    for k, v in (("preprocess", t1 - t0), ("infer", t2 - t1), ("postprocess", t3 - t2)):
+        timings[k] = timings.get(k, 0.0) + v
+    return Frame(vol.to_native(mask).astype(np.uint8), vol.to_native(prob).astype(np.float32),
+                 vol.to_native(dis).astype(np.float32))
+
+
+def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[str, float] | None = None) -> Iterator[Frame]:
+    """Segment a Volume: one Frame for a 3D image or ``-4d mean``, one per volume for ``-4d each``."""
+    timings = {} if timings is None else timings
+    ens = get_ensemble(spec, options.device, options.threads, options.tta)
+    post = options.post(spec)
+    if vol.is_4d and options.mode_4d == "each":
+        for frame in vol.iter_frames():
+            yield _segment_array(frame, vol, ens, post, timings)
+    else:
+        yield _segment_array(vol.data, vol, ens, post, timings)
+
+
+def _as_volume(image: str | Path | nib.Nifti1Image) -> Volume:
+    if isinstance(image, (str, Path)):
+        return read_volume(image)
+    return from_image(image, getattr(image, "get_filename", lambda: None)() or "<image>")
+
+
+def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
+            threshold: float | None = None, largest: bool | None = None, fill_holes: bool | None = None,
+            remove_small: str | None = None, mode_4d: Mode4D = "mean", device: str = "auto",
+            threads: int | None = None, tta: bool = True) -> Segmentation:
+    """Segment the spinal cord in a 3D or 4D EPI image.
+
+    Parameters mirror the command line; ``None`` takes the model's default. For 4D input,
+    ``mode_4d='mean'`` segments the temporal mean (3D result) and ``'each'`` every volume
+    (4D result, held in memory: use :func:`run` to stream long series to disk).
+
+    Returns a :class:`Segmentation` whose ``mask`` (uint8), ``probability`` and
+    ``disagreement`` (float32) images lie on the input's own grid.
+
+    Raises InputError for unusable images and ModelError for unknown or damaged models.
+    """
+    options = Options(threshold, largest, fill_holes, remove_small, mode_4d, device, threads, tta)
+    _check_options(options)
+    t0 = time.perf_counter()
+    vol = _as_volume(image)
+    timings = {"read": time.perf_counter() - t0}
+    spec = load_model(model)
+    frames = list(iter_frames(vol, spec, options, timings))
+    ref = vol.image
+    if len(frames) == 1:
+        arrays = (frames[0].mask, frames[0].probability, frames[0].disagreement)
+    else:
+        arrays = tuple(np.stack([getattr(f, k) for f in frames], axis=-1) for k in ("mask", "probability", "disagreement"))
+    seg = Segmentation(like(arrays[0], ref), like(arrays[1], ref), like(arrays[2], ref), spec,
+                       get_ensemble(spec, device, threads, tta).provider, options, vol.source, timings,
+                       list(vol.warnings))
+    _warn_if_empty(seg.warnings, vol.source, arrays[0])
+    return seg
+
+
+def _check_options(o: Options) -> None:
+    if o.threshold is not None and not 0 <= o.threshold < 1:
+        raise ModelError(f"threshold {o.threshold} must be in [0, 1) (0 writes the soft probability map)")
+    if o.mode_4d not in ("mean", "each"):
+        raise ModelError(f"-4d must be 'mean' or 'each', not {o.mode_4d!r}")
+
+
+def _warn_if_empty(warnings: list[str], source: str, mask: np.ndarray) -> None:
+    if not np.any(mask):
+        msg = f"{source}: no spinal cord found; the mask is empty"
+        warnings.append(msg)
+        log.warning(msg)
+
+
+def provenance(spec: ModelSpec, options: Options, provider: str, source: str, timings: dict[str, float],
+               warnings: list[str], mask: np.ndarray | None = None, input_sha256: str | None = None) -> dict[str, Any]:
+    """The JSON sidecar: what produced a mask, from what, how, and how long it took."""
+    post = options.post(spec)
+    d: dict[str, Any] = {
+        "GeneratedBy": [{"Name": "sct_deepseg_epi", "Version": __version__}],
+        "model": {"name": spec.name, "version": spec.version,
+                  "members": [{"file": m.file, "sha256": m.sha256} for m in spec.members]},
+        "provider": provider,
+        "threshold": post.threshold,
+        "postprocess": {"largest": post.largest, "fill_holes": post.fill_holes, "remove_small": post.remove_small},
+        "tta": options.tta,
+        "mode_4d": options.mode_4d,
+        "input": {"path": source, "sha256": input_sha256},
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "platform": {"python": platform.python_version(), "machine": platform.machine()},
+        "warnings": list(warnings),
+    }
+    if mask is not None:
+        m = np.asarray(mask) > 0
+        d["cord_voxels"] = int(m.sum())
+    return d
+
+
+@dataclass
+class RunResult:
+    """Files written by :func:`run`."""
+
+    mask: Path
+    sidecar: Path
+    extra: dict[str, Path]
+    provenance: dict[str, Any]
+
+
+def run(input_path: str | Path, output: str | Path | None = None, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
+        soft: bool = False, disagreement: bool = False, options: Options = Options()) -> RunResult:
+    """Segment a file and write ``*_seg.nii.gz`` (+ sidecar, optional soft/disagreement maps).
+
+    ``options.threshold == 0`` writes the soft probability map as the main output, as in
+    SCT. A 4D ``-4d each`` series is streamed frame by frame, so memory stays at a few
+    volumes whatever the series length. No output appears unless everything succeeded.
+    """
+    _check_options(options)
+    t0 = time.perf_counter()
+    out = check_output(output or default_output(input_path), [input_path])
+    vol = read_volume(input_path)
+    timings: dict[str, float] = {"read": time.perf_counter() - t0}
+    spec = load_model(model)
+    soft_main = options.threshold == 0
+    if soft_main:
+        options = replace(options, threshold=0.5)  # the mask still drives warnings and counts
+    each = vol.is_4d and options.mode_4d == "each"
+    shape = vol.image.shape[:3] + ((vol.n_frames,) if each else ())
+    targets = {"mask": out}
+    if soft and not soft_main:
+        targets["soft"] = derived_path(out, "_soft")
+    if disagreement:
+        targets["disagreement"] = derived_path(out, "_disagreement")
+    dtypes = {"mask": np.float32 if soft_main else np.uint8, "soft": np.float32, "disagreement": np.float32}
+    fields = {"mask": "probability" if soft_main else "mask", "soft": "probability", "disagreement": "disagreement"}
+    frames = iter_frames(vol, spec, options, timings)
+    n_cord = 0
+    with ExitStack() as stack:
+        if each:
+            writers = {k: stack.enter_context(FrameWriter(p, vol.image, shape, dtypes[k])) for k, p in targets.items()}
+            for frame in frames:
+                n_cord += int(np.count_nonzero(frame.mask))
+                for k, w in writers.items():
+                    w.write(getattr(frame, fields[k]))
+            t1 = time.perf_counter()
+            for w in writers.values():
+                w.commit()
+        else:
+            frame = next(frames)
+            n_cord = int(np.count_nonzero(frame.mask))
+            t1 = time.perf_counter()
+            for k, p in targets.items():
+                save_nifti(like(getattr(frame, fields[k]).astype(dtypes[k]), vol.image), p)
+    timings["write"] = time.perf_counter() - t1
+    warnings = list(vol.warnings)
+    if n_cord == 0:
+        _warn_if_empty(warnings, vol.source, np.zeros(1))
+    ens = get_ensemble(spec, options.device, options.threads, options.tta)
+    prov = provenance(spec, replace(options, threshold=0 if soft_main else options.threshold), ens.provider,
+                      str(input_path), timings, warnings, input_sha256=file_sha256(input_path))
+    prov["cord_voxels"] = n_cord
+    prov["outputs"] = {k: Path(p).name for k, p in targets.items()}
+    timings["total"] = time.perf_counter() - t0
+    prov["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+    side = save_json(prov, sidecar_path(out))
+    return RunResult(out, side, {k: v for k, v in targets.items() if k != "mask"}, prov)

@@ -1,0 +1,111 @@
+"""``sct_deepseg_epi -i IN [-o OUT] ...``: segment the spinal cord in a 3D or 4D EPI image."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from ._parser import Parser, setup_logging, yes_no
+
+log = logging.getLogger("sct_deepseg_epi")
+
+DESCRIPTION = """\
+Spinal cord segmentation for gradient-echo EPI (BOLD fMRI), with an ONNX ensemble.
+Writes IN_seg.nii.gz next to the input (uint8 mask on the input's own grid) and a JSON
+sidecar saying what produced it. 4D series: the temporal mean by default (-4d mean),
+or every volume (-4d each, 4D mask).
+"""
+
+
+def _threshold(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError("must be in [0, 1); 0 writes the soft probability map")
+    return v
+
+
+def get_parser() -> Parser:
+    from . import commands_epilog
+
+    p = Parser("sct_deepseg_epi", DESCRIPTION, epilog=commands_epilog())
+    p.mandatory.add_argument("-i", metavar="<file>", help="Input EPI image, 3D or 4D (.nii or .nii.gz).")
+    o = p.optional
+    o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input.")
+    o.add_argument("-model", metavar="<name[@version]>", default="seg_sc_epi",
+                   help="Model to use (default: seg_sc_epi, latest version). A model folder also works.")
+    o.add_argument("-thr", metavar="<float>", type=_threshold, default=None,
+                   help="Binarisation threshold on the ensemble probability (default: the model's). "
+                        "0 writes the soft probability map instead of a mask.")
+    o.add_argument("-largest", metavar="<0|1>", type=yes_no, default=None,
+                   help="Keep only the largest connected object (default: the model's, 1).")
+    o.add_argument("-fill-holes", metavar="<0|1>", type=yes_no, default=None,
+                   help="Fill holes in each axial slice (default: the model's, 1).")
+    o.add_argument("-remove-small", metavar="<N[vox|mm3]>", default=None,
+                   help="Remove objects smaller than N voxels or mm3 (default: the model's).")
+    o.add_argument("-4d", dest="mode_4d", choices=("mean", "each"), default="mean",
+                   help="4D input: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).")
+    o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
+                   help="Also write the soft probability map as IN_seg_soft.nii.gz.")
+    o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,
+                   help="Also write the ensemble disagreement (std of members) as IN_seg_disagreement.nii.gz.")
+    o.add_argument("-tta", metavar="<0|1>", type=yes_no, default=True,
+                   help="Flip test-time augmentation (default 1; 0 is faster).")
+    o.add_argument("-device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="Where to run: cuda needs onnxruntime-gpu (default: auto).")
+    o.add_argument("-threads", metavar="<int>", type=int, default=None,
+                   help="CPU threads for inference (default: all CPUs available to this process).")
+    m = p.misc
+    m.add_argument("-install", action="store_true", help="Install the model given by -model (download) and exit.")
+    m.add_argument("-custom-url", metavar="<url>",
+                   help="Install a model archive (.zip/.tar.gz) from a URL, file:// URL or local path "
+                        "(append #sha256=HEX to check it); with -i, segment with that model.")
+    m.add_argument("-list-models", action="store_true", help="List known models and whether they are installed.")
+    return p
+
+
+def _list_models() -> int:
+    from ..registry import store
+
+    for spec in store.available():
+        state = "installed" if store.is_complete(spec) else "not installed"
+        print(f"{spec.ref:<24} {state:<14} {spec.description}")
+    print(f"models folder: {store.cache_root()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = get_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    setup_logging(args.v)
+    if args.list_models:
+        return _list_models()
+    from .. import api
+    from ..registry import download
+
+    model = args.model
+    if args.custom_url:
+        url, _, frag = args.custom_url.partition("#sha256=")
+        spec = download.install_url(url, sha256=frag.lower() or None)
+        log.info("installed %s into %s", spec.ref, spec.directory)
+        model = spec.directory
+    elif args.install:
+        spec = api.load_model(model, install=True)
+        log.info("model %s is installed in %s", spec.ref, spec.directory)
+    if args.i is None:
+        if args.custom_url or args.install:
+            return 0
+        parser.error("the following argument is required: -i")
+    if args.remove_small is not None:
+        from ..registry.manifest import parse_size
+        try:
+            parse_size(args.remove_small)
+        except ValueError as exc:
+            parser.error(f"-remove-small: {exc}")
+    options = api.Options(threshold=args.thr, largest=args.largest, fill_holes=args.fill_holes,
+                          remove_small=args.remove_small, mode_4d=args.mode_4d, device=args.device,
+                          threads=args.threads, tta=args.tta)
+    result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=args.disagreement, options=options)
+    log.info("wrote %s (%d cord voxels, %.2f s)", result.mask, result.provenance["cord_voxels"],
+             result.provenance["timings_s"]["total"])
+    return 0

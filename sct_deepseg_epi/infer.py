@@ -1,0 +1,144 @@
+"""Stage 3, infer: network inputs -> ensemble probabilities on the model grid.
+
+Each member runs once per flip combination (test-time augmentation); probabilities,
+not logits, are averaged so that members with different calibration weigh the same.
+ONNX Runtime sessions are created once per process and reused for every volume.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ModelError
+from .registry.manifest import ModelSpec
+
+log = logging.getLogger(__name__)
+DEVICES = ("auto", "cpu", "cuda")
+_SESSIONS: dict[tuple, object] = {}
+
+
+def _ort():
+    import onnxruntime as ort  # imported on first use: ~0.2 s that -h does not need
+
+    return ort
+
+
+def default_threads() -> int:
+    """Intra-op threads: the CPUs this process may use (cgroup/affinity aware where possible)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def providers_for(device: str) -> list[str]:
+    """ONNX Runtime providers for ``-device``; 'cuda' without a CUDA build is an error."""
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    available = _ort().get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise ModelError("-device cuda: this onnxruntime has no CUDA provider (pip install 'sct_deepseg_epi[gpu]')")
+    if device in ("cuda", "auto") and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def get_session(path: Path, providers: Sequence[str], threads: int):
+    """A cached InferenceSession for one member file."""
+    key = (str(path), tuple(providers), threads)
+    sess = _SESSIONS.get(key)
+    if sess is None:
+        ort = _ort()
+        opts = ort.SessionOptions()
+        # the arena keeps the largest batch's buffers for the life of the process; off keeps RSS low
+        opts.enable_cpu_mem_arena = False
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        except Exception as exc:  # ORT raises its own untyped errors for bad graphs
+            raise ModelError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
+        _SESSIONS[key] = sess
+    return sess
+
+
+def clear_sessions() -> None:
+    _SESSIONS.clear()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(np.float32(0), -x)).astype(np.float32)
+
+
+def _foreground(out: np.ndarray, activation: str) -> np.ndarray:
+    """Member output (N, K, H, W) -> foreground probability (N, H, W)."""
+    if activation == "sigmoid":
+        return _sigmoid(out[:, 0])
+    e = np.exp(out - out.max(axis=1, keepdims=True))
+    return (e[:, 1:].sum(axis=1) / e.sum(axis=1)).astype(np.float32)
+
+
+def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of the allowed flips, the identity first (as nnUNet mirrors)."""
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+@dataclass
+class Probabilities:
+    """Ensemble output on the (padded) model grid, (Z, H, W) each."""
+
+    probability: np.ndarray
+    disagreement: np.ndarray
+    provider: str
+
+
+class Ensemble:
+    """The ONNX members of one model, ready to run. Build once, call for every volume."""
+
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True):
+        self.spec = spec
+        self.providers = providers_for(device)
+        self.threads = threads or default_threads()
+        self.sessions = [get_session(p, self.providers, self.threads) for p in spec.member_paths()]
+        self.flips = flip_sets(spec.tta_flip_axes) if tta else [()]
+        self.provider = self.sessions[0].get_providers()[0]
+
+    def _run_member(self, sess, batch: np.ndarray) -> np.ndarray:
+        # all flips of a chunk go through the network as one batch: fewer, larger calls are faster
+        views = [np.flip(batch, axis=tuple(a + 2 for a in f)) if f else batch for f in self.flips]
+        out = sess.run(["logits"], {"image": np.ascontiguousarray(np.concatenate(views))})[0]
+        prob = _foreground(out, self.spec.activation)
+        n = batch.shape[0]
+        acc = np.zeros_like(prob[:n])
+        for i, f in enumerate(self.flips):
+            p = prob[i * n:(i + 1) * n]
+            acc += np.flip(p, axis=tuple(a + 1 for a in f)) if f else p
+        return acc / len(self.flips)
+
+    def predict(self, batch: np.ndarray, chunk: int = 16) -> Probabilities:
+        """(Z, C, H, W) -> mean probability and member disagreement (std), each (Z, H, W)."""
+        if batch.ndim != 4 or batch.shape[1] != self.spec.in_channels:
+            raise ModelError(f"model {self.spec.ref} expects (Z, {self.spec.in_channels}, H, W) input, got {batch.shape}")
+        z = batch.shape[0]
+        mean = np.zeros((z,) + batch.shape[2:], np.float32)
+        sq = np.zeros_like(mean)
+        # chunks of slices bound the activation memory for large fields of view
+        for s in range(0, z, chunk):
+            part = batch[s:s + chunk]
+            for sess in self.sessions:
+                p = self._run_member(sess, part)
+                mean[s:s + chunk] += p
+                sq[s:s + chunk] += p * p
+        k = len(self.sessions)
+        mean /= k
+        std = np.sqrt(np.maximum(sq / k - mean * mean, 0)).astype(np.float32)
+        return Probabilities(mean, std, self.provider)
