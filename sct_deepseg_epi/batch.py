@@ -1,0 +1,591 @@
+"""Segment every BOLD run of a BIDS dataset: a local worker pool or a Dask cluster over :func:`api.run`.
+
+Each run is one task. A task takes the run's lock file, checks whether the outputs are
+already up to date (same input checksum, model and settings), segments into a private
+work folder, and publishes the images with ``os.replace`` before writing the sidecar
+last: a crash never leaves a sidecar that vouches for missing or stale images, and two
+batches on the same dataset never write the same run at once. A task never raises: a
+failure becomes a :class:`Record` and the batch goes on.
+
+Local workers are separate processes (``spawn``); each creates its ONNX Runtime sessions
+once and runs them with ``threads`` intra-op threads, ``jobs x threads <= cores``. On a
+Dask cluster each task sizes its threads from the worker it lands on.
+
+This module imports nothing heavy at load time, so a worker's thread settings are in
+place before numpy or ONNX Runtime start.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from . import bids
+from .errors import EpiSegError, InputError
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.tsv"
+LOCK_NAME = ".sct_deepseg_epi.lock"
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+_WORKER_THREADS: int | None = None  # set in each local worker process by _init_worker
+# columns of the summary TSV and their descriptions (written to summary.json, BIDS style)
+COLUMNS = {
+    "run": "Source image, relative to the BIDS dataset root",
+    "status": "done (segmented now), skipped (outputs were up to date) or failed",
+    "error": "Why the run failed (empty otherwise)",
+    "cord_volume_mm3": "Spinal cord volume in the mask, mm3 (mean over volumes for a 4D mask)",
+    "slices_with_cord": "Number of axial slices holding cord",
+    "n_slices": "Number of axial slices in the image",
+    "seconds": "Wall time spent on the run by this batch, s",
+    "note": "Warnings (e.g. empty mask) or why an existing output was reused or redone",
+}
+
+
+@dataclass
+class Record:
+    """The outcome of one run: one row of the summary table."""
+
+    run: str
+    status: str = "failed"         # done | skipped | failed  (busy: held by another batch, retried)
+    error: str = ""
+    cord_volume_mm3: float | None = None
+    slices_with_cord: int | None = None
+    n_slices: int | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs for one run (picklable, small)."""
+
+    run: bids.Run
+    outputs: bids.Outputs
+    model: str                       # a model reference or folder the worker resolves itself
+    options: dict[str, Any]          # api.Options fields, threads excluded
+    threads: int | None              # intra-op threads; None: decided by the worker
+    soft: bool = False
+    disagreement: bool = False
+    overwrite: bool = False
+    key: dict[str, Any] = field(default_factory=dict)  # the resume key (model + settings)
+    lock_wait: float = 0.0           # seconds to wait for a run held by another batch
+
+
+@dataclass
+class BatchResult:
+    records: list[Record]
+    derivatives: Path
+    summary: Path
+    description: Path
+    notes: list[str]
+
+    @property
+    def failed(self) -> list[Record]:
+        return [r for r in self.records if r.status != "done" and r.status != "skipped"]
+
+    def counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for r in self.records:
+            c[r.status] = c.get(r.status, 0) + 1
+        return c
+
+
+# --- worker side -----------------------------------------------------------------------------
+
+def cpu_count() -> int:
+    """CPUs this process may use (affinity/cgroup aware on Linux)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_threads(jobs: int, threads: int | None = None, cores: int | None = None) -> tuple[int, str | None]:
+    """Intra-op threads per worker so that ``jobs x threads <= cores``; and a warning if the user oversubscribes."""
+    cores = cores or cpu_count()
+    if threads is None:
+        return max(1, cores // max(1, jobs)), None
+    if jobs * threads > cores:
+        return threads, (f"-jobs {jobs} x -threads {threads} = {jobs * threads} threads on {cores} CPU(s): "
+                         "oversubscribed, expect it to be slower")
+    return threads, None
+
+
+def _init_worker(threads: int, log_level: int) -> None:
+    """Process-pool initializer: fix thread counts before numpy or ONNX Runtime load."""
+    global _WORKER_THREADS
+    _WORKER_THREADS = threads
+    for var in _THREAD_ENV:
+        os.environ[var] = str(threads)
+    logging.getLogger("sct_deepseg_epi").setLevel(log_level)
+
+
+def _dask_threads() -> int | None:
+    """Threads per task on the Dask worker running this task: its CPUs / its concurrent tasks."""
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+    except (ImportError, ValueError):
+        return None
+    return max(1, cpu_count() // max(1, int(getattr(w.state, "nthreads", 1))))
+
+
+def mask_stats(path: Path) -> tuple[float, int, int]:
+    """Cord volume (mm3, mean over volumes for 4D), axial slices with cord, and axial slice count."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj) > 0
+    codes = nib.aff2axcodes(img.affine)
+    si = next((i for i, c in enumerate(codes) if c in "SI"), 2)
+    vox = float(np.prod(img.header.get_zooms()[:3]))
+    n_frames = data.shape[3] if data.ndim == 4 else 1
+    volume = float(data.sum()) * vox / n_frames
+    other = tuple(i for i in range(data.ndim) if i != si)
+    return round(volume, 2), int(np.count_nonzero(data.any(axis=other))), int(data.shape[si])
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def process(job: Job) -> Record:
+    """Segment one run (or find it up to date). Never raises: failures come back as a Record."""
+    t0 = time.perf_counter()
+    rec = Record(job.run.rel)
+    try:
+        _process(job, rec)
+    except EpiSegError as exc:
+        rec.status, rec.error = "failed", _clean(exc)
+    except MemoryError:
+        rec.status, rec.error = "failed", "out of memory"
+    except Exception as exc:  # one bad run must not stop the batch: record it, with the traceback in the log
+        log.debug("%s failed:\n%s", job.run.rel, traceback.format_exc())
+        rec.status, rec.error = "failed", _clean(f"{type(exc).__name__}: {exc}")
+    rec.error = rec.error.replace(str(job.run.path), job.run.rel)
+    rec.seconds = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def _process(job: Job, rec: Record) -> None:
+    from filelock import FileLock, Timeout
+
+    out = job.outputs
+    try:
+        out.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out.folder}: cannot create the output folder ({exc.strerror or exc})") from None
+    lock = FileLock(str(out.lock))
+    try:
+        lock.acquire(timeout=job.lock_wait)
+    except Timeout:
+        rec.status = "busy"
+        rec.note = "being segmented by another batch"
+        return
+    try:
+        _segment_locked(job, rec)
+    finally:
+        lock.release()
+
+
+def _segment_locked(job: Job, rec: Record) -> None:
+    from . import api
+    from .write import file_sha256, save_json
+
+    out = job.outputs
+    try:
+        input_sha = file_sha256(job.run.path)
+    except OSError as exc:
+        raise InputError(f"{job.run.path}: cannot be read ({exc.strerror or exc})") from None
+    extras = list(out.extras(job.soft, job.disagreement))
+    if not job.overwrite:
+        ok, why = bids.is_up_to_date(out, input_sha, job.key, extras)
+        if ok:
+            side = json.loads(out.sidecar.read_text(encoding="utf-8"))["Batch"]
+            rec.status, rec.note = "skipped", "outputs up to date"
+            rec.cord_volume_mm3, rec.slices_with_cord, rec.n_slices = (
+                side.get("cord_volume_mm3"), side.get("slices_with_cord"), side.get("n_slices"))
+            return
+        if why != "no sidecar":
+            rec.note = f"redone: {why}"
+    threads = job.threads or _WORKER_THREADS or _dask_threads()
+    options = api.Options(**job.options, threads=threads)
+    work = Path(tempfile.mkdtemp(prefix=f".{job.run.stem}.", suffix=".work", dir=out.folder))
+    try:
+        res = api.run(job.run.path, work / "mask.nii.gz", model=job.model, soft=job.soft,
+                      disagreement=job.disagreement, options=options)
+        volume, with_cord, n_slices = mask_stats(res.mask)
+        # retire the old sidecar first: until the new one exists, nothing vouches for these files
+        out.sidecar.unlink(missing_ok=True)
+        for name in ("soft", "disagreement"):
+            target: Path = getattr(out, name)
+            if name in res.extra:
+                os.replace(res.extra[name], target)
+                save_json(_extra_sidecar(name, job.run), bids.sidecar_of(target))
+            else:  # a map from an earlier run with other settings would no longer match the mask
+                target.unlink(missing_ok=True)
+                bids.sidecar_of(target).unlink(missing_ok=True)
+        os.replace(res.mask, out.mask)
+        prov = dict(res.provenance)
+        prov["outputs"] = {"mask": out.mask.name, **{k: getattr(out, k).name for k in res.extra}}
+        prov["input"] = {"path": job.run.rel, "sha256": input_sha}
+        side = {
+            "Description": "Spinal cord mask (1 = cord) on the grid of the source BOLD image"
+                           + (" (temporal mean)" if options.mode_4d == "mean" else " (one mask per volume)"),
+            "Sources": [bids.bids_uri(job.run)],
+            **prov,
+            "Batch": {"input_sha256": input_sha, **job.key, "cord_volume_mm3": volume,
+                      "slices_with_cord": with_cord, "n_slices": n_slices},
+        }
+        save_json(side, out.sidecar)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rec.status = "done"
+    rec.cord_volume_mm3, rec.slices_with_cord, rec.n_slices = volume, with_cord, n_slices
+    warnings = [w.replace(str(job.run.path), job.run.rel) for w in res.provenance.get("warnings", [])]
+    if warnings:
+        rec.note = _clean("; ".join(([rec.note] if rec.note else []) + warnings))
+
+
+def _extra_sidecar(name: str, run: bids.Run) -> dict[str, Any]:
+    what = {"soft": "Spinal cord probability (mean of the ensemble members), 0 to 1",
+            "disagreement": "Ensemble disagreement: standard deviation of the members' cord probabilities"}
+    return {"Description": what[name], "Sources": [bids.bids_uri(run)]}
+
+
+# --- driver side -----------------------------------------------------------------------------
+
+def prepare_derivatives(deriv: Path) -> Path:
+    """Create the derivatives folder and prove it is writable, or raise InputError saying what to do.
+
+    The check writes and removes a probe file rather than trusting ``os.access``, which
+    says yes to root on read-only mounts.
+    """
+    deriv = Path(deriv).expanduser()
+    hint = "pass -o with a writable folder (e.g. on scratch)"
+    try:
+        deriv.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{deriv}: cannot create the derivatives folder ({exc.strerror or exc}); {hint}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=deriv)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{deriv}: the derivatives folder is not writable ({exc.strerror or exc}); {hint}") from None
+    return deriv.resolve()
+
+
+def _settings(options: dict[str, Any], soft: bool, disagreement: bool) -> dict[str, Any]:
+    return {**{k: v for k, v in options.items() if k not in ("device",)}, "soft": soft, "disagreement": disagreement}
+
+
+def read_summary(path: Path) -> dict[str, dict[str, str]]:
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return {row["run"]: row for row in csv.DictReader(f, delimiter="\t") if row.get("run")}
+    except (OSError, csv.Error, KeyError, UnicodeDecodeError):
+        log.warning("%s: unreadable; starting a new summary", path)
+        return {}
+
+
+def write_summary(records: Iterable[Record], deriv: Path) -> Path:
+    """Merge ``records`` into ``<deriv>/summary.tsv`` (one row per run, latest outcome wins)."""
+    from .write import atomic_path, save_json
+
+    path = deriv / SUMMARY_NAME
+    rows = read_summary(path)
+    for r in records:
+        d = asdict(r)
+        rows[r.run] = {k: ("n/a" if d[k] is None else str(d[k])) for k in COLUMNS}
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(COLUMNS), delimiter="\t", lineterminator="\n", extrasaction="ignore")
+            w.writeheader()
+            for run in sorted(rows):
+                w.writerow({k: rows[run].get(k, "n/a") for k in COLUMNS})
+    save_json({k: {"Description": v} for k, v in COLUMNS.items()}, path.with_suffix(".json"))
+    return path
+
+
+def _write_description(deriv: Path, source: Path, model: dict[str, Any], src_desc: dict | None,
+                       notes: list[str]) -> Path:
+    from . import __version__
+    from .write import save_json
+
+    path = deriv / "dataset_description.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            old_model = old["GeneratedBy"][0].get("Model")
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            old_model = None
+        if old_model and old_model != model:
+            notes.append(f"{deriv}: earlier outputs came from model {old_model.get('Name')} "
+                         f"{old_model.get('Version')}; runs not redone now keep those masks")
+    return save_json(bids.dataset_description(source, deriv, model, __version__, src_desc), path)
+
+
+def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
+              model: str | Path = "seg_sc_epi", options: dict[str, Any] | None = None,
+              participants: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+              jobs: int = 1, threads: int | None = None, soft: bool = False, disagreement: bool = False,
+              overwrite: bool = False, scheduler: str | None = None, client: Any = None,
+              lock_wait: float = 6 * 3600.0,
+              progress: Callable[[Record, int, int], None] | None = None) -> BatchResult:
+    """Segment every BOLD run of ``bids_dir`` into BIDS derivatives; see the module docstring.
+
+    ``options`` holds :class:`api.Options` fields (``threshold``, ``mode_4d``, ``tta``...,
+    not ``threads``). ``scheduler`` is a Dask scheduler address, or ``'local'`` for a
+    LocalCluster of ``jobs`` workers; ``client`` an existing ``distributed.Client``. Without
+    either, ``jobs`` local processes (1: this process) do the work.
+
+    ``progress(record, n_done, n_total)`` is called as each run finishes. Raises
+    InputError for an unusable dataset or derivatives folder; failed runs are not errors
+    but records (see :attr:`BatchResult.failed`).
+    """
+    from . import api
+
+    options = dict(options or {})
+    options.pop("threads", None)
+    if options.get("threshold") == 0:
+        raise InputError("-thr 0 (soft map as the main output) is not available in batch mode; use -soft 1")
+    api._check_options(api.Options(**options))
+    found = bids.find_runs(bids_dir, participants, tasks)
+    notes = list(found.notes)
+    for n in notes:
+        log.warning(n)
+    deriv = prepare_derivatives(Path(derivatives) if derivatives else bids.default_derivatives(found.root))
+    if deriv == found.root or (found.root in deriv.parents and deriv.relative_to(found.root).parts[0].startswith("sub-")):
+        raise InputError(f"{deriv}: the derivatives folder must not be the dataset itself or one of its subjects")
+    spec = api.load_model(model)  # installs once here (under the lock) before any worker looks
+    model_rec = bids.model_record(spec.name, spec.version, [(m.file, m.sha256) for m in spec.members])
+    is_folder = isinstance(model, Path) or "/" in str(model) or str(model).startswith(".")
+    worker_model = str(spec.directory) if is_folder else f"{spec.name}@{spec.version}"
+    key = bids.resume_key(model_rec, _settings(options, soft, disagreement))
+
+    from filelock import FileLock
+
+    dataset_lock = FileLock(str(deriv / LOCK_NAME))
+    with dataset_lock:
+        description = _write_description(deriv, found.root, model_rec, found.description, notes)
+
+    use_dask = scheduler is not None or client is not None
+    if use_dask:
+        per_job = threads
+    else:
+        jobs = max(1, min(jobs, len(found.runs)))
+        per_job, warn = plan_threads(jobs, threads)
+        if warn:
+            notes.append(warn)
+            log.warning(warn)
+    template = dict(model=worker_model, options=options, threads=per_job, soft=soft, disagreement=disagreement,
+                    overwrite=overwrite, key=key)
+    todo = [Job(r, bids.outputs_for(r, deriv), **template) for r in found.runs]
+    done: dict[str, Record] = {}
+    total = len(todo)
+
+    def finished(rec: Record) -> None:
+        done[rec.run] = rec
+        if progress is not None:
+            progress(rec, len(done), total)
+
+    try:
+        if use_dask:
+            executor = _dask_executor(scheduler, client, jobs)
+        elif jobs == 1:
+            executor = _serial_executor(per_job)
+        else:
+            executor = _pool_executor(jobs, per_job)
+        with executor:
+            # pass 1 skips runs that another batch holds; pass 2 waits for them (usually to find them done)
+            busy = executor.run_all(todo, finished)
+            if busy:
+                log.info("%d run(s) are held by another batch; waiting for them", len(busy))
+                busy = executor.run_all([_replace(j, lock_wait=lock_wait) for j in busy], finished)
+        for j in busy:
+            finished(Record(j.run.rel, "failed", f"still locked by another process after {lock_wait:.0f} s "
+                                                 f"({j.outputs.lock})"))
+    finally:
+        with dataset_lock:
+            summary = write_summary([done[r.rel] for r in found.runs if r.rel in done], deriv)
+    records = [done[r.rel] for r in found.runs]
+    return BatchResult(records, deriv, summary, description, notes)
+
+
+def _replace(job: Job, **kw) -> Job:
+    return Job(**{**{f.name: getattr(job, f.name) for f in fields(Job)}, **kw})
+
+
+# Executors: context managers with run_all(jobs, finished) -> the jobs another batch holds.
+class _Serial:
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def run_all(self, jobs: list[Job], finished: Callable[[Record], None]) -> list[Job]:
+        busy = []
+        for j in jobs:
+            rec = process(j if j.threads else _replace(j, threads=self.threads))
+            if rec.status == "busy":
+                busy.append(j)
+            else:
+                finished(rec)
+        return busy
+
+
+def _serial_executor(threads: int) -> _Serial:
+    return _Serial(threads)
+
+
+class _Pool:
+    """A spawn-based process pool that survives a worker dying (killed, out of memory)."""
+
+    def __init__(self, jobs: int, threads: int):
+        self.jobs, self.threads = jobs, threads
+        self.pool = None
+
+    def _new(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        level = logging.getLogger("sct_deepseg_epi").getEffectiveLevel()
+        self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_worker, initargs=(self.threads, max(level, logging.ERROR)))
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def run_all(self, jobs: list[Job], finished: Callable[[Record], None]) -> list[Job]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        queue = list(reversed(jobs))
+        attempts: dict[str, int] = {}
+        running: dict[Future, Job] = {}
+        busy: list[Job] = []
+        while queue or running:
+            if self.pool is None:
+                self._new()
+            # at most `jobs` in flight: when a worker dies, the runs in flight are the suspects
+            while queue and len(running) < self.jobs:
+                j = queue.pop()
+                running[self.pool.submit(process, j)] = j
+            ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in ready:
+                j = running.pop(fut)
+                try:
+                    rec = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    attempts[j.run.rel] = attempts.get(j.run.rel, 0) + 1
+                    if attempts[j.run.rel] >= 2:
+                        finished(Record(j.run.rel, "failed", "the worker process died twice on this run "
+                                                             "(killed, or out of memory?)"))
+                    else:
+                        queue.append(j)
+                    continue
+                except Exception as exc:  # pickling problems and the like
+                    rec = Record(j.run.rel, "failed", _clean(f"{type(exc).__name__}: {exc}"))
+                if rec.status == "busy":
+                    busy.append(j)
+                else:
+                    finished(rec)
+            if broken:
+                log.warning("a worker process died; restarting the pool and retrying its runs once")
+                for fut, j in list(running.items()):
+                    running.pop(fut)
+                    queue.append(j)
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = None
+        return busy
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _pool_executor(jobs: int, threads: int) -> _Pool:
+    return _Pool(jobs, threads)
+
+
+class _Dask:
+    def __init__(self, scheduler: str | None, client: Any, jobs: int):
+        self.scheduler, self.client, self.jobs = scheduler, client, jobs
+        self.own: list = []
+
+    def __enter__(self):
+        if self.client is None:
+            distributed = _require_distributed()
+            if self.scheduler == "local":
+                cluster = distributed.LocalCluster(n_workers=max(1, self.jobs), threads_per_worker=1,
+                                                   processes=True, host="127.0.0.1", dashboard_address=None)
+                self.own.append(cluster)
+                self.client = distributed.Client(cluster)
+            else:
+                try:
+                    self.client = distributed.Client(self.scheduler, timeout="30s")
+                except (OSError, TimeoutError) as exc:
+                    raise InputError(f"cannot reach the Dask scheduler at {self.scheduler} ({exc})") from None
+            self.own.insert(0, self.client)
+        return self
+
+    def __exit__(self, *exc):
+        for obj in self.own:
+            obj.close()
+        return False
+
+    def run_all(self, jobs: list[Job], finished: Callable[[Record], None]) -> list[Job]:
+        distributed = _require_distributed()
+        futures = {self.client.submit(process, j, pure=False, key=f"sct_deepseg_epi-{j.run.stem}-{os.urandom(4).hex()}"): j
+                   for j in jobs}
+        busy = []
+        for fut in distributed.as_completed(list(futures)):
+            j = futures[fut]
+            try:
+                rec = fut.result()
+            except Exception as exc:  # KilledWorker, a worker that cannot import the package...
+                rec = Record(j.run.rel, "failed", _clean(f"{type(exc).__name__}: {exc}"))
+            if rec.status == "busy":
+                busy.append(j)
+            else:
+                finished(rec)
+        return busy
+
+
+def _require_distributed():
+    from ._optional import require
+
+    return require("distributed")
+
+
+def _dask_executor(scheduler: str | None, client: Any, jobs: int) -> _Dask:
+    return _Dask(scheduler, client, jobs)
+
