@@ -54,10 +54,11 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
     try:
         store.verify(spec)
     except IntegrityError:
-        if not (install and spec.mirrors and store.in_cache(spec)):
+        source = store.with_mirrors(spec)
+        if not (install and source.mirrors and store.in_cache(spec)):
             raise
         log.warning("model %s is damaged; reinstalling it", spec.ref)
-        spec = _install_or_explain(spec)
+        spec = _install_or_explain(source)
         store.verify(spec)
     return spec
 

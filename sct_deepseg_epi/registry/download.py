@@ -39,8 +39,8 @@ def _progress(total: int | None, label: str):
     return None
 
 
-def fetch(urls: Sequence[str], dest: Path, sha256: str | None = None, *, retries: int = RETRIES,
-          backoff: float = BACKOFF, timeout: tuple[float, float] = TIMEOUT) -> Path:
+def fetch(urls: Sequence[str], dest: Path, sha256: str | None = None, *, retries: int | None = None,
+          backoff: float | None = None, timeout: tuple[float, float] | None = None) -> Path:
     """Download the first mirror that works to ``dest``, verifying ``sha256`` when given.
 
     Each mirror is tried ``retries`` times with exponential backoff on connection errors,
@@ -48,6 +48,9 @@ def fetch(urls: Sequence[str], dest: Path, sha256: str | None = None, *, retries
     """
     import requests
 
+    retries = RETRIES if retries is None else retries
+    backoff = BACKOFF if backoff is None else backoff
+    timeout = TIMEOUT if timeout is None else timeout
     dest = Path(dest)
     errors: list[str] = []
     for url in urls:

@@ -155,6 +155,22 @@ def verify(spec: ModelSpec) -> None:
         _VERIFIED[key] = True
 
 
+def with_mirrors(spec: ModelSpec) -> ModelSpec:
+    """The spec itself if it lists mirrors, else the packaged manifest of the same version that does.
+
+    An installed copy carries the manifest from its archive, which need not list where it came
+    from; the packaged registry entry does, so a damaged copy can be fetched again.
+    """
+    if spec.mirrors:
+        return spec
+    folder = _scan(packaged_root()).get((spec.name, spec.version))
+    if folder is not None:
+        packaged = load_manifest(folder)
+        if packaged.mirrors and [m.sha256 for m in packaged.members] == [m.sha256 for m in spec.members]:
+            return packaged
+    return spec
+
+
 def in_cache(spec: ModelSpec) -> bool:
     root = cache_root().resolve()
     return spec.directory is not None and root in spec.directory.resolve().parents

@@ -1,0 +1,110 @@
+"""The Python API end to end with a tiny real ONNX ensemble."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import blob_image
+
+from sct_deepseg_epi import api, segment
+from sct_deepseg_epi.errors import InputError, ModelError
+from sct_deepseg_epi.phantom import dice, make_phantom
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LPI", "PSR"])
+def test_segment_finds_the_blob_in_any_orientation(tiny_model, axcodes):
+    img, mask = blob_image(axcodes=axcodes)
+    seg = segment(img, model="tiny")
+    out = np.asarray(seg.mask.dataobj)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert dice(out, mask) > 0.95
+    assert np.array_equal(seg.mask.affine, img.affine)
+    assert seg.probability.get_data_dtype() == np.float32 and seg.disagreement.shape == img.shape
+
+
+def test_anisotropic_voxels_resampled_and_back(tiny_model):
+    img, mask = blob_image(shape=(80, 40, 4), zooms=(0.5, 1.0, 5.0), centre=(40, 20), radius=6)
+    seg = segment(img, model="tiny")
+    assert dice(np.asarray(seg.mask.dataobj), mask) > 0.9
+
+
+def test_4d_mean_gives_3d_and_each_gives_4d(tiny_model):
+    img, mask = blob_image(n_volumes=3)
+    mean = segment(img, model="tiny")
+    each = segment(img, model="tiny", mode_4d="each")
+    assert mean.mask.shape == img.shape[:3] and each.mask.shape == img.shape
+    assert dice(np.asarray(each.mask.dataobj)[..., 1], mask) > 0.95
+
+
+def test_options_override_manifest(model_root):
+    from conftest import make_model_folder
+
+    make_model_folder(model_root / "soft" / "1.0.0", name="soft", members=((1.0, 0.0),))
+    ramp = np.repeat(np.linspace(0, 1, 32)[:, None, None], 32, axis=1).repeat(3, axis=2) * np.ones((1, 32, 3))
+    img = nib.Nifti1Image(ramp.astype(np.float32), np.eye(4))  # probability = sigmoid(z-score): 0.15..0.85
+    n = {t: int(np.asarray(segment(img, model="soft", threshold=t).mask.dataobj).sum()) for t in (0.5, 0.7)}
+    assert n[0.5] == 16 * 32 * 3 and 0 < n[0.7] < n[0.5]
+
+
+def test_no_cord_gives_empty_mask_and_warning(tiny_model):
+    rng = np.random.default_rng(0)
+    img = nib.Nifti1Image((100 + rng.uniform(0, 1, (20, 20, 3))).astype(np.float32), np.eye(4))  # nothing stands out
+    seg = segment(img, model="tiny")
+    assert not np.asarray(seg.mask.dataobj).any()
+    assert any("no spinal cord" in w for w in seg.warnings)
+
+
+def test_run_writes_mask_sidecar_and_extras(tiny_model, blob_file):
+    path, mask = blob_file
+    res = api.run(path, soft=True, disagreement=True, model="tiny")
+    assert res.mask == path.parent / "blob_seg.nii.gz"
+    side = json.loads(res.sidecar.read_text())
+    assert side["model"]["name"] == "tiny" and len(side["model"]["members"]) == 3
+    assert side["input"]["sha256"] and side["threshold"] == 0.5 and side["cord_voxels"] == int(mask.sum())
+    assert set(res.extra) == {"soft", "disagreement"}
+    soft = nib.load(str(res.extra["soft"]))
+    assert soft.get_data_dtype() == np.float32 and float(np.asarray(soft.dataobj).max()) <= 1.0
+
+
+def test_run_threshold_zero_writes_soft_map(tiny_model, blob_file):
+    path, _ = blob_file
+    res = api.run(path, model="tiny", options=api.Options(threshold=0))
+    img = nib.load(str(res.mask))
+    assert img.get_data_dtype() == np.float32 and json.loads(res.sidecar.read_text())["threshold"] == 0
+
+
+def test_run_4d_each_streams(tiny_model, tmp_path):
+    img, mask = blob_image(n_volumes=4, axcodes="LAS")
+    p = tmp_path / "bold.nii.gz"
+    nib.save(img, str(p))
+    res = api.run(p, model="tiny", disagreement=True, options=api.Options(mode_4d="each"))
+    out = nib.load(str(res.mask))
+    assert out.shape == img.shape and out.get_data_dtype() == np.uint8
+    assert dice(np.asarray(out.dataobj)[..., 3], mask) > 0.95
+    assert nib.load(str(res.extra["disagreement"])).shape == img.shape
+
+
+def test_run_refuses_output_equal_to_input(tiny_model, blob_file):
+    path, _ = blob_file
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="is the input"):
+        api.run(path, path, model="tiny")
+    assert path.read_bytes() == before
+
+
+def test_failed_run_leaves_no_output(tiny_model, blob_file):
+    path, _ = blob_file
+    with pytest.raises(ModelError):
+        api.run(path, model="nope")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["blob.nii.gz", "models-cache"]
+
+
+def test_phantom_is_realistic_enough():
+    ph = make_phantom(shape=(48, 48, 6), n_volumes=3, seed=3)
+    truth = np.asarray(ph.truth.dataobj)
+    assert ph.image.shape == (48, 48, 6, 3) and truth.sum(axis=(0, 1)).min() > 20
+    data = np.asarray(ph.image.dataobj)
+    # the CSF ring is brighter than the cord it surrounds, as in T2*-weighted EPI
+    assert data[..., 0][truth > 0].mean() < np.percentile(data, 99)

@@ -1,0 +1,65 @@
+"""Stage 3: ONNX Runtime ensemble, flip TTA, disagreement."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_model_folder
+
+from sct_deepseg_epi.errors import ModelError
+from sct_deepseg_epi.infer import Ensemble, flip_sets, get_session, providers_for
+from sct_deepseg_epi.registry.manifest import load_manifest
+
+
+def test_flip_sets():
+    assert flip_sets([0]) == [(), (0,)]
+    assert flip_sets([0, 1]) == [(), (0,), (1,), (0, 1)]
+
+
+def test_ensemble_probability_and_disagreement(tmp_path):
+    spec = load_manifest(make_model_folder(tmp_path / "m", members=((1.0, 0.0), (1.0, 2.0))))
+    ens = Ensemble(spec, device="cpu", threads=1)
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    out = ens.predict(x)
+    # members give sigmoid(0)=0.5 and sigmoid(2)=0.881: mean 0.690, std 0.190
+    s2 = 1 / (1 + np.exp(-2.0))
+    assert np.allclose(out.probability, (0.5 + s2) / 2, atol=1e-5)
+    assert np.allclose(out.disagreement, (s2 - 0.5) / 2, atol=1e-5)
+    assert out.provider == "CPUExecutionProvider"
+
+
+def test_tta_flip_is_undone(tmp_path):
+    spec = load_manifest(make_model_folder(tmp_path / "m", members=((1.0, 0.0),)))
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    x[0, 0, 1, 2] = 5.0  # an asymmetric input: a wrong un-flip would move the response
+    p = Ensemble(spec, device="cpu", threads=1).predict(x).probability
+    assert np.unravel_index(np.argmax(p), p.shape) == (0, 1, 2)
+
+
+def test_sessions_are_cached(tmp_path):
+    spec = load_manifest(make_model_folder(tmp_path / "m"))
+    path = spec.member_paths()[0]
+    assert get_session(path, ["CPUExecutionProvider"], 1) is get_session(path, ["CPUExecutionProvider"], 1)
+
+
+def test_cuda_unavailable_is_a_clear_error():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(ModelError, match="CUDA"):
+        providers_for("cuda")
+    assert providers_for("auto") == ["CPUExecutionProvider"]
+
+
+def test_wrong_channel_count(tmp_path):
+    spec = load_manifest(make_model_folder(tmp_path / "m"))
+    with pytest.raises(ModelError, match="expects"):
+        Ensemble(spec, device="cpu").predict(np.zeros((1, 3, 8, 8), np.float32))
+
+
+def test_broken_onnx_file(tmp_path):
+    folder = make_model_folder(tmp_path / "m")
+    (folder / "member0.onnx").write_bytes(b"garbage")
+    spec = load_manifest(folder)
+    with pytest.raises(ModelError, match="cannot load"):
+        Ensemble(spec, device="cpu")
