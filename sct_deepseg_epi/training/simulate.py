@@ -123,8 +123,9 @@ def thick_slices(src: Source, rng: np.random.Generator, cfg: SimConfig):
     start = float(rng.uniform(0, max(0.0, extent - thickness - (n - 1) * pitch)))
     centres = start + thickness / 2 + pitch * np.arange(n)
     w = thick_slice_weights(nz, dz, centres, thickness)
-    img = np.tensordot(src.image, w, axes=(2, 1))
-    mask = np.tensordot(src.mask, w, axes=(2, 1))
+    used = np.nonzero(w.sum(axis=0) > 0)[0]
+    img = np.tensordot(src.image[:, :, used], w[:, used], axes=(2, 1))
+    mask = np.tensordot(src.mask[:, :, used], w[:, used], axes=(2, 1))
     return img.astype(np.float32), mask.astype(np.float32), thickness, {"thickness_mm": thickness, "gap_mm": gap, "n_slices": n}
 
 
@@ -225,10 +226,11 @@ def area_downsample2(a: np.ndarray) -> np.ndarray:
 def simulate(src: Source, rng: np.random.Generator, cfg: SimConfig = SimConfig()) -> Simulated:
     """Draw one EPI-like stack from ``src``. Deterministic for a given generator state."""
     p: dict = {"source": src.name}
-    img = scale_intensity(src.image)
+    if not src.meta.get("scaled"):
+        src = Source(src.name, scale_intensity(src.image), src.mask, src.zooms, {**src.meta, "scaled": True})
+    img3, mask3, thickness, tp = thick_slices(src, rng, cfg)
     gamma = _u(rng, cfg.gamma)
-    img = img ** gamma
-    img3, mask3, thickness, tp = thick_slices(Source(src.name, img, src.mask, src.zooms), rng, cfg)
+    img3 = img3 ** gamma
     p.update(tp, gamma=gamma)
     contrast = _u(rng, cfg.cord_contrast)
     img3 = img3 * (1 + (contrast - 1) * mask3)
