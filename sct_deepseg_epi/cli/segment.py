@@ -25,10 +25,11 @@ def _threshold(text: str) -> float:
     return v
 
 
-def get_parser() -> Parser:
+def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, epilog: str | None = None) -> Parser:
+    """The segmentation parser; ``sct_deepseg seg_sc_epi`` (the SCT task) reuses it under its own name."""
     from . import commands_epilog
 
-    p = Parser("sct_deepseg_epi", DESCRIPTION, epilog=commands_epilog())
+    p = Parser(prog, description, epilog=commands_epilog() if epilog is None else epilog)
     p.mandatory.add_argument("-i", metavar="<file>", help="Input EPI image, 3D or 4D (.nii or .nii.gz).")
     o = p.optional
     o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input.")
@@ -55,6 +56,11 @@ def get_parser() -> Parser:
                    help="Where to run: cuda needs onnxruntime-gpu (default: auto).")
     o.add_argument("-threads", metavar="<int>", type=int, default=None,
                    help="CPU threads for inference (default: all CPUs available to this process).")
+    o.add_argument("-qc", metavar="<folder>",
+                   help="Write a QC report into this folder (inside SCT: SCT's QC report; else an HTML page per "
+                        "dataset). Also writes IN_seg_disagreement.nii.gz, which the report shows.")
+    o.add_argument("-qc-dataset", metavar="<str>", help="Dataset name shown in the QC report.")
+    o.add_argument("-qc-subject", metavar="<str>", help="Subject name shown in the QC report.")
     m = p.misc
     m.add_argument("-install", action="store_true", help="Install the model given by -model (download) and exit.")
     m.add_argument("-custom-url", metavar="<url>",
@@ -74,8 +80,8 @@ def _list_models() -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = get_parser()
+def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int:
+    parser = parser or get_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     setup_logging(args.v)
     if args.list_models:
@@ -105,7 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = api.Options(threshold=args.thr, largest=args.largest, fill_holes=args.fill_holes,
                           remove_small=args.remove_small, mode_4d=args.mode_4d, device=args.device,
                           threads=args.threads, tta=args.tta)
-    result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=args.disagreement, options=options)
+    result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=args.disagreement or bool(args.qc),
+                     options=options)
     log.info("wrote %s (%d cord voxels, %.2f s)", result.mask, result.provenance["cord_voxels"],
              result.provenance["timings_s"]["total"])
+    if args.qc:
+        from .. import qc
+
+        report = qc.report(args.i, result.mask, args.qc, disagreement=result.extra.get("disagreement"),
+                           dataset=args.qc_dataset, subject=args.qc_subject,
+                           command=[parser.prog] + list(sys.argv[1:] if argv is None else argv))
+        log.info("QC report: %s", report)
     return 0
