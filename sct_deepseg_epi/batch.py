@@ -550,8 +550,8 @@ class _Dask:
                 self.own.append(cluster)
                 self.client = distributed.Client(cluster)
             else:
-                try:
-                    self.client = distributed.Client(self.scheduler, timeout="30s")
+                try:  # the connect timeout is Dask's (distributed.comm.timeouts.connect, 30 s by default)
+                    self.client = distributed.Client(self.scheduler)
                 except (OSError, TimeoutError) as exc:
                     raise InputError(f"cannot reach the Dask scheduler at {self.scheduler} ({exc})") from None
             self.own.insert(0, self.client)

@@ -1,0 +1,148 @@
+"""``sct_deepseg_epi batch``: in-process through main(argv), plus two real concurrent processes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+from conftest import blob_image
+
+from sct_deepseg_epi.cli import main
+
+RUNS = ("sub-01/func/sub-01_task-rest_bold.nii.gz", "sub-02/func/sub-02_task-rest_run-1_bold.nii.gz",
+        "sub-02/func/sub-02_task-motor_run-1_bold.nii.gz")
+
+
+def make_dataset(root: Path, runs=RUNS, description: bool = True) -> Path:
+    for i, rel in enumerate(runs):
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(blob_image(n_volumes=2, seed=i)[0], str(p))
+    if description:
+        (root / "dataset_description.json").write_text(json.dumps({"Name": "Demo", "BIDSVersion": "1.9.0"}))
+    return root
+
+
+def rows(deriv: Path) -> dict[str, dict[str, str]]:
+    with open(deriv / "summary.tsv", newline="") as f:
+        return {r["run"]: r for r in csv.DictReader(f, delimiter="\t")}
+
+
+def test_batch_cli_success_then_resume(tiny_model, tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds")
+    assert main(["batch", str(ds), "-model", "tiny", "-participant-label", "sub-02", "-task-label", "rest"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/1] sub-02/func/sub-02_task-rest_run-1_bold.nii.gz done" in err   # plain lines off a terminal
+    assert "1 run(s): 1 done" in err
+    deriv = ds / "derivatives" / "sct_deepseg_epi"
+    assert list(rows(deriv)) == ["sub-02/func/sub-02_task-rest_run-1_bold.nii.gz"]
+    assert (deriv / "sub-02/func/sub-02_task-rest_run-1_desc-spinalcord_mask.nii.gz").is_file()
+    # the whole dataset next: the finished run is skipped, the summary covers all three
+    assert main(["batch", str(ds), "-model", "tiny", "-disagreement", "0", "-v", "0"]) == 0
+    assert capsys.readouterr().err == ""
+    assert [r["status"] for r in rows(deriv).values()] == ["done", "done", "skipped"]
+
+
+def test_batch_cli_failed_run_gives_exit_1(tiny_model, tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds", runs=RUNS[:1], description=False)
+    bad = ds / "sub-03/func/sub-03_task-rest_bold.nii.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x1f\x8b\x08 broken")
+    (ds / "sub-04").mkdir()
+    out = tmp_path / "deriv"
+    assert main(["batch", str(ds), "-o", str(out), "-model", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "WARNING: " in err and "no dataset_description.json" in err
+    assert "sub-04: no func/ folder; skipped" in err
+    assert "sub-03/func/sub-03_task-rest_bold.nii.gz failed" in err
+    assert err.rstrip().endswith(f"error: 1 of 2 run(s) failed; see {out.resolve() / 'summary.tsv'}")
+    assert [r["status"] for r in rows(out).values()] == ["done", "failed"]
+
+
+def test_batch_cli_refusals_are_one_line(tiny_model, tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds", runs=RUNS[:1])
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["batch", str(tmp_path / "nope"), "-model", "tiny"], 1, "no such dataset folder"),
+        (["batch", str(tmp_path), "-model", "tiny"], 1, "no sub-* folders"),
+        (["batch", str(ds), "-model", "tiny", "-participant-label", "09"], 1, "no participant(s) 09"),
+        (["batch", str(ds), "-model", "tiny", "-o", str(tmp_path / "file" / "d")], 1, "cannot create the derivatives folder"),
+        (["batch", str(ds), "-model", "nosuchmodel"], 1, "unknown model 'nosuchmodel'"),
+    ]
+    for argv, code, text in cases:
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        assert text in err and err.count("\n") == 1, err
+    for argv in (["batch"], ["batch", str(ds), "-jobs", "0"], ["batch", str(ds), "-thr", "0"],
+                 ["batch", str(ds), "-soft", "yes"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_batch_cli_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["batch", "-h"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("-participant-label", "-task-label", "-jobs", "-scheduler", "-overwrite", "BIDS_DIR"):
+        assert flag in text
+
+
+def test_batch_cli_on_a_dask_scheduler(tiny_model, tmp_path, capsys):
+    distributed = pytest.importorskip("distributed")
+    ds = make_dataset(tmp_path / "ds")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert main(["batch", str(ds), "-model", "tiny", "-scheduler", cluster.scheduler_address, "-soft", "1"]) == 0
+    deriv = ds / "derivatives" / "sct_deepseg_epi"
+    assert [r["status"] for r in rows(deriv).values()] == ["done"] * 3
+    assert len(list(deriv.rglob("*_desc-spinalcord_probseg.nii.gz"))) == 3
+    with pytest.importorskip("dask").config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(["batch", str(ds), "-model", "tiny", "-scheduler", "tcp://127.0.0.1:1"]) == 1
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_batch_cli_missing_dask(tiny_model, tmp_path, capsys, monkeypatch):
+    ds = make_dataset(tmp_path / "ds", runs=RUNS[:1])
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert main(["batch", str(ds), "-model", "tiny", "-scheduler", "local"]) == 1
+    assert "pip install 'sct_deepseg_epi[dask]'" in capsys.readouterr().err
+
+
+def test_two_batches_at_once_share_the_work(tiny_model, tmp_path):
+    """Two processes on the same dataset: every run segmented once, nothing half-written, both succeed."""
+    runs = tuple(f"sub-{i:02d}/func/sub-{i:02d}_task-rest_bold.nii.gz" for i in range(1, 9))
+    ds = make_dataset(tmp_path / "ds", runs=runs)
+    cmd = [sys.executable, "-m", "sct_deepseg_epi", "batch", str(ds), "-model", "tiny", "-threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    deriv = ds / "derivatives" / "sct_deepseg_epi"
+    table = rows(deriv)
+    assert sorted(table) == sorted(runs) and {r["status"] for r in table.values()} <= {"done", "skipped"}
+    # each run was segmented by exactly one of the two batches
+    done_lines = [line for _, err in outs for line in err.splitlines() if " done in " in line]
+    assert len(done_lines) == len(runs), outs
+    for rel in runs:
+        stem = rel.rsplit("/", 1)[1].replace("_bold.nii.gz", "")
+        side = json.loads((deriv / rel.rsplit("/", 1)[0] / f"{stem}_desc-spinalcord_mask.json").read_text())
+        assert side["Batch"]["slices_with_cord"] == 6
+        nib.load(str(deriv / rel.rsplit("/", 1)[0] / f"{stem}_desc-spinalcord_mask.nii.gz")).get_fdata()
+    assert not [p for p in deriv.rglob("*") if ".part" in p.name or p.name.endswith(".work")]
+
+
+def test_batch_cli_local_dask_cluster(tiny_model, tmp_path):
+    pytest.importorskip("distributed")
+    ds = make_dataset(tmp_path / "ds", runs=RUNS[:2])
+    assert main(["batch", str(ds), "-model", "tiny", "-scheduler", "local", "-jobs", "1", "-threads", "1"]) == 0
+    assert [r["status"] for r in rows(ds / "derivatives" / "sct_deepseg_epi").values()] == ["done", "done"]
