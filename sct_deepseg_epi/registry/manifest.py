@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from ..errors import ModelError
+from .nnunet_recipe import NnunetRecipe, recipe_from_dict, recipe_to_dict
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -74,6 +75,8 @@ class ModelSpec:
     mirrors: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     directory: Path | None = None
+    # set for models imported from nnU-Net v2: they run through nnunet_pipeline, not the slice path
+    nnunet: NnunetRecipe | None = None
 
     @property
     def ref(self) -> str:
@@ -213,6 +216,8 @@ def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory
         raise ModelError(f"{wd}: mirrors must be http(s):// or file:// URLs")
     _no_leftovers(dl, wd)
 
+    nn_raw = _take(d, "nnunet", where, dict, None)
+    nnunet = recipe_from_dict(nn_raw, where) if nn_raw is not None else None
     extra = {k: d.pop(k) for k in _FREEFORM if k in d}
     for k in ("license", "citation"):
         if k in d and not isinstance(d[k], str):
@@ -225,7 +230,7 @@ def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory
         size_multiple=multiple, normalisation=Normalisation(scheme, tuple(clip) if clip else None),
         activation=activation, threshold=threshold, tta_flip_axes=tuple(flips), postprocess=post,
         license=lic, citation=cit, archive=archive, archive_sha256=archive_sha.lower() if archive_sha else None,
-        mirrors=tuple(mirrors), extra=MappingProxyType(extra), directory=directory,
+        mirrors=tuple(mirrors), extra=MappingProxyType(extra), directory=directory, nnunet=nnunet,
     )
 
 
@@ -259,6 +264,8 @@ def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
                         "remove_small": spec.postprocess.remove_small},
         "download": {"archive": spec.archive, "sha256": spec.archive_sha256, "mirrors": list(spec.mirrors)},
     }
+    if spec.nnunet is not None:
+        d["nnunet"] = recipe_to_dict(spec.nnunet)
     d.update({k: v for k, v in spec.extra.items()})
     return json.loads(json.dumps(d))
 

@@ -1,0 +1,364 @@
+"""Run an imported nnU-Net v2 model with ONNX Runtime and numpy only (no torch, no nnunetv2).
+
+The steps and their order are nnU-Net's own inference recipe, read from the manifest's
+``nnunet`` section (see :mod:`sct_deepseg_epi.registry.nnunet_recipe`):
+
+    image axes as nnU-Net's reader gives them -> transpose -> crop to the non-zero box
+    -> normalise -> resample to the target spacing -> sliding window (Gaussian blend,
+    mirroring) per fold -> mean of the folds' logits -> resample back -> softmax/sigmoid
+    -> labels -> uncrop -> transpose back
+
+Each step records what it changed so the way back is exact. The engine's API calls
+:meth:`NnunetRunner.segment` instead of the 2D slice path whenever a manifest carries an
+``nnunet`` section.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from nibabel.orientations import apply_orientation
+
+from .errors import ModelError
+from .postprocess import PostOptions, fill_holes, keep_largest, label, remove_small
+from .registry.manifest import ModelSpec, parse_size
+from .registry.nnunet_recipe import ChannelNorm, NnunetRecipe, Resampling
+from .resample_spline import resize, resize_separate_z
+from .tiling import gaussian_weights, pad_amounts, tile_starts
+
+# voxels of network input per ONNX call: 2D tiles are batched, large 3D tiles run one by one
+_BATCH_VOXELS = 1 << 18
+
+
+# ---------------------------------------------------------------------------- axes and spacing
+
+def reader_view(data_ras: np.ndarray, zooms_ras: Sequence[float], to_ras: np.ndarray, from_ras: np.ndarray,
+                reader: str) -> tuple[np.ndarray, list[float], callable]:
+    """The array and spacing nnU-Net's image reader would produce, and the way back to RAS.
+
+    SimpleITKIO and NibabelIO give the stored voxel array with its axes reversed (z, y, x);
+    NibabelIOWithReorient first reorients to the closest canonical (RAS) axes.
+    """
+    if reader == "NibabelIOWithReorient":
+        return np.ascontiguousarray(data_ras.transpose(2, 1, 0)), [float(z) for z in zooms_ras[::-1]], \
+            lambda a: a.transpose(2, 1, 0)
+    if reader in ("SimpleITKIO", "NibabelIO"):
+        native = apply_orientation(data_ras, from_ras)
+        native_zooms = [float(zooms_ras[int(to_ras[i, 0])]) for i in range(3)]
+        return np.ascontiguousarray(native.transpose(2, 1, 0)), native_zooms[::-1], \
+            lambda a: apply_orientation(a.transpose(2, 1, 0), to_ras)
+    raise ModelError(f"image reader {reader!r} is not supported")
+
+
+def new_shape_for(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
+    """Shape after resampling, rounded as nnU-Net rounds it (Python's round)."""
+    return tuple(int(round(s / t * n)) for s, t, n in zip(spacing, target, shape))
+
+
+def separate_z(force: bool | None, current: Sequence[float], new: Sequence[float],
+               threshold: float) -> int | None:
+    """The thick-slice axis to resample on its own, or None (nnU-Net's rule)."""
+    def lowres(sp):
+        sp = np.asarray(sp, float)
+        return list(np.where(sp.max() / sp == 1)[0])
+
+    def aniso(sp):
+        return float(np.max(sp) / np.min(sp)) > threshold
+
+    if force is not None:
+        axes = lowres(current) if force else None
+    elif aniso(current):
+        axes = lowres(current)
+    elif aniso(new):
+        axes = lowres(new)
+    else:
+        axes = None
+    if axes is None or len(axes) != 1:
+        return None
+    return int(axes[0])
+
+
+def resample(arr: np.ndarray, shape: Sequence[int], current: Sequence[float], new: Sequence[float],
+             rule: Resampling, threshold: float) -> np.ndarray:
+    """Resample a (C, Z, Y, X) array to ``shape`` following one of the plan's resampling rules."""
+    if tuple(arr.shape[1:]) == tuple(shape):
+        return arr
+    axis = separate_z(rule.force_separate_z, current, new, threshold)
+    out = np.empty((arr.shape[0], *shape), np.float32)
+    for c in range(arr.shape[0]):
+        if axis is not None:
+            out[c] = resize_separate_z(arr[c], shape, axis, rule.order, rule.order_z)
+        else:
+            out[c] = resize(arr[c], shape, rule.order)
+    return out
+
+
+# ---------------------------------------------------------------------------- crop and normalise
+
+def nonzero_box(arr: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of the non-zero voxels (the whole array if there are none)."""
+    nz = arr != 0
+    box = []
+    for ax in range(arr.ndim):
+        hit = np.flatnonzero(nz.any(axis=tuple(i for i in range(arr.ndim) if i != ax)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, arr.shape[ax]))
+    return tuple(box)
+
+
+def filled_nonzero(arr: np.ndarray) -> np.ndarray:
+    """Non-zero voxels with enclosed zero regions filled (face connectivity), as nnU-Net's mask."""
+    m = arr != 0
+    if m.all() or not m.any():
+        return m
+    bg = ~np.pad(m, 1)
+    lab, _ = label(bg, full=False)
+    outside = lab == lab[(0,) * arr.ndim]
+    return ~outside[tuple(slice(1, -1) for _ in range(arr.ndim))]
+
+
+def normalise(img: np.ndarray, norm: ChannelNorm, mask: np.ndarray | None) -> np.ndarray:
+    """One channel, nnU-Net's schemes: ZScore (optionally within the non-zero mask), CT, none, 0-1."""
+    a = np.asarray(img, np.float32).copy()
+    eps = 1e-8
+    if norm.scheme == "ZScoreNormalization":
+        if norm.use_mask and mask is not None:
+            v = a[mask]
+            a[mask] = (v - v.mean()) / max(float(v.std()), eps)
+        else:
+            a -= a.mean()
+            a /= max(float(a.std()), eps)
+    elif norm.scheme == "CTNormalization":
+        np.clip(a, norm.get("percentile_00_5"), norm.get("percentile_99_5"), out=a)
+        a -= np.float32(norm.get("mean"))
+        a /= np.float32(max(norm.get("std"), eps))
+    elif norm.scheme == "RescaleTo01Normalization":
+        a -= a.min()
+        a /= max(float(a.max()), eps)
+    elif norm.scheme != "NoNormalization":
+        raise ModelError(f"normalisation {norm.scheme!r} is not supported")
+    return a
+
+
+# ---------------------------------------------------------------------------- network
+
+def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(np.float32(0), -x)).astype(np.float32)
+
+
+def mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The identity and every combination of the mirror axes."""
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """Round float32 values to float16 precision (kept as float32 for the arithmetic)."""
+    return a.astype(np.float16).astype(np.float32)
+
+
+def sliding_window(sessions: Sequence, data: np.ndarray, patch: tuple[int, ...], step: float,
+                   mirrors: Sequence[tuple[int, ...]], n_out: int, half: bool = True) -> list[np.ndarray]:
+    """Logits of each member over ``data`` (C, Z, Y, X): Gaussian-blended tiles, mirrored views averaged.
+
+    A 2D patch slides in-plane over every slice z. Returns one (n_out, Z, Y, X) array per member.
+    With ``half`` the blend is rounded as nnU-Net's float16 accumulators round it (weights,
+    running sums and the final division), which is what makes its tile borders, where the
+    Gaussian weights underflow, reproducible; otherwise everything stays in float32.
+    """
+    pads = pad_amounts(data.shape, patch)
+    padded = np.pad(data, pads, mode="constant", constant_values=0) if any(sum(p) for p in pads) else data
+    shape = padded.shape[1:]
+    two_d = len(patch) == 2
+    starts = tile_starts(shape[1:] if two_d else shape, patch, step)
+    tiles = []
+    for pos in itertools.product(*starts):
+        box = tuple(slice(s, s + t) for s, t in zip(pos, patch))
+        if two_d:
+            tiles.extend((z,) + box for z in range(shape[0]))
+        else:
+            tiles.append(box)
+    g = gaussian_weights(tuple(patch), dtype="float16" if half else "float32").astype(np.float32)
+    weight = np.zeros(shape, np.float32)
+    for box in tiles:
+        weight[box] = _half(weight[box] + g) if half else weight[box] + g
+    per_call = max(1, _BATCH_VOXELS // int(np.prod(patch)))  # network inputs per ONNX call
+    batch = max(1, per_call // len(mirrors))                   # tiles per chunk
+    groups = [list(mirrors)] if per_call >= len(mirrors) else [[m] for m in mirrors]
+    outs = []
+    for sess in sessions:
+        acc = np.zeros((n_out, *shape), np.float32)
+        for i in range(0, len(tiles), batch):
+            chunk = tiles[i:i + batch]
+            x = np.stack([padded[(slice(None),) + box] for box in chunk])  # (B, C, *patch)
+            b = len(chunk)
+            pred = np.zeros((b, n_out, *patch), np.float32)
+            for group in groups:
+                views = [np.flip(x, axis=tuple(a + 2 for a in m)) if m else x for m in group]
+                y = sess.run(["logits"], {"image": np.ascontiguousarray(np.concatenate(views), np.float32)})[0]
+                for k, m in enumerate(group):
+                    part = y[k * b:(k + 1) * b]
+                    pred += np.flip(part, axis=tuple(a + 2 for a in m)) if m else part
+            if len(mirrors) > 1:
+                pred /= len(mirrors)
+            pred *= g
+            for box, p in zip(chunk, pred):
+                sl = (slice(None),) + box
+                acc[sl] = _half(acc[sl] + p) if half else acc[sl] + p
+        acc /= weight
+        if half:
+            acc = _half(acc)
+        crop = (slice(None),) + tuple(slice(lo, n - hi) for (lo, hi), n in zip(pads[1:], padded.shape[1:]))
+        outs.append(acc[crop])
+    return outs
+
+
+# ---------------------------------------------------------------------------- whole volume
+
+@dataclass
+class NnunetResult:
+    """Outputs on nnU-Net's reader grid (before transposing back), (Z, Y, X) each."""
+
+    labels: np.ndarray
+    probability: np.ndarray      # foreground probability (1 - background, or the widest region)
+    disagreement: np.ndarray     # std of the foreground probability across folds
+    probabilities: np.ndarray    # (K, Z, Y, X) per class/region, as nnU-Net exports them
+
+
+def _foreground(probs: np.ndarray, regions: bool) -> np.ndarray:
+    if regions:
+        return probs.max(axis=0)
+    return 1.0 - probs[0] if probs.shape[0] > 1 else probs[0]
+
+
+def _nonlin(logits: np.ndarray, regions: bool) -> np.ndarray:
+    return sigmoid(logits) if regions else softmax(logits, axis=0).astype(np.float32)
+
+
+def predict_reader_array(sessions: Sequence, arr: np.ndarray, spacing: Sequence[float], recipe: NnunetRecipe,
+                         mirror: bool = True, timings: dict[str, float] | None = None) -> NnunetResult:
+    """Run the recipe on a (Z, Y, X) array as nnU-Net's reader gives it, with that reader's spacing."""
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    tf, tb = recipe.transpose_forward, recipe.transpose_backward
+    data = np.asarray(arr, np.float32).transpose(tf)
+    spacing_t = [float(spacing[i]) for i in tf]
+    full_shape = data.shape
+    box = nonzero_box(data)
+    data = data[box]
+    cropped_shape = data.shape
+    target = list(recipe.spacing)
+    if len(target) < 3:
+        target = [spacing_t[0]] + target
+    new_shape = new_shape_for(cropped_shape, spacing_t, target)
+    norm = recipe.normalisation[0]
+    mask = filled_nonzero(data) if norm.use_mask and norm.scheme == "ZScoreNormalization" else None
+    data = normalise(data, norm, mask)[None]
+    data = resample(data, new_shape, spacing_t, target, recipe.resampling_data, recipe.anisotropy_threshold)
+    t1 = time.perf_counter()
+    mirrors = mirror_sets(recipe.mirror_axes) if mirror else [()]
+    regions = recipe.has_regions
+    half = recipe.blend_precision == "float16"
+    per_fold = sliding_window(sessions, data, recipe.patch_size, recipe.step_size, mirrors, recipe.num_outputs,
+                              half=half)
+    t2 = time.perf_counter()
+    logits = per_fold[0].copy()
+    for f in per_fold[1:]:
+        logits += f
+        if half:
+            logits = _half(logits)
+    logits /= len(per_fold)
+    if half:
+        logits = _half(logits)
+    s = np.zeros(logits.shape[1:], np.float32)
+    s2 = np.zeros_like(s)
+    if len(per_fold) > 1:
+        for f in per_fold:
+            p = _foreground(_nonlin(f, regions), regions)
+            s += p
+            s2 += p * p
+        s /= len(per_fold)
+        std = np.sqrt(np.maximum(s2 / len(per_fold) - s * s, 0))[None]
+    else:
+        std = np.zeros_like(s)[None]
+    del per_fold
+    rule = recipe.resampling_probabilities
+    both = resample(np.concatenate([logits, std]), cropped_shape, target, spacing_t, rule,
+                    recipe.anisotropy_threshold)
+    logits, std = both[:-1], both[-1]
+    if half and both.shape[1:] != tuple(new_shape):
+        logits = _half(logits)  # nnU-Net's resampling writes back into its float16 array
+    probs = _nonlin(logits, regions)
+    if regions:
+        seg = np.zeros(cropped_shape, np.uint8)
+        for i, c in enumerate(recipe.regions_class_order):  # type: ignore[arg-type]
+            seg[probs[i] > 0.5] = c
+    else:
+        seg = probs.argmax(axis=0).astype(np.uint8)
+    full_probs = np.zeros((probs.shape[0], *full_shape), np.float32)
+    if not regions:
+        full_probs[0] = 1.0
+    full_probs[(slice(None),) + box] = probs
+    full_seg = np.zeros(full_shape, np.uint8)
+    full_seg[box] = seg
+    full_std = np.zeros(full_shape, np.float32)
+    full_std[box] = std
+    fg = _foreground(full_probs, regions)
+    t3 = time.perf_counter()
+    for k, v in (("preprocess", t1 - t0), ("infer", t2 - t1), ("postprocess", t3 - t2)):
+        timings[k] = timings.get(k, 0.0) + v
+    back = (0, *[i + 1 for i in tb])
+    return NnunetResult(full_seg.transpose(tb), fg.transpose(tb), full_std.transpose(tb),
+                        full_probs.transpose(back))
+
+
+class NnunetRunner:
+    """An Ensemble's ONNX sessions driven by the nnU-Net recipe of its manifest."""
+
+    def __init__(self, ensemble, tta: bool = True):
+        spec: ModelSpec = ensemble.spec
+        if spec.nnunet is None:
+            raise ModelError(f"model {spec.ref} has no nnunet section")
+        self.spec = spec
+        self.recipe = spec.nnunet
+        self.sessions = ensemble.sessions
+        self.provider = ensemble.provider
+        self.tta = tta
+
+    def predict(self, data_ras: np.ndarray, vol, timings: dict[str, float] | None = None):
+        """Labels, foreground probability and disagreement on the RAS grid of ``vol``."""
+        arr, spacing, back = reader_view(data_ras, vol.zooms, vol.to_ras, vol.from_ras, self.recipe.image_reader)
+        res = predict_reader_array(self.sessions, arr, spacing, self.recipe, mirror=self.tta, timings=timings)
+        return back(res.labels), back(res.probability), back(res.disagreement)
+
+    def segment(self, data_ras: np.ndarray, vol, post: PostOptions, timings: dict[str, float]):
+        """(mask, probability, disagreement) on the RAS grid; the mask is nnU-Net's label map.
+
+        At the manifest's threshold (0.5) the labels are nnU-Net's own (argmax, or regions
+        above 0.5); another threshold gives a binary mask of ``probability >= threshold``.
+        The optional cleaning (small objects, largest component, holes) keeps label values;
+        filled holes take label 1.
+        """
+        labels, prob, dis = self.predict(data_ras, vol, timings)
+        t0 = time.perf_counter()
+        if post.threshold != self.spec.threshold:
+            labels = (prob >= post.threshold).astype(np.uint8)
+        fg = labels > 0
+        clean = fg
+        value, unit = parse_size(post.remove_small)
+        if value > 0:
+            clean = remove_small(clean, value / float(np.prod(vol.zooms)) if unit == "mm3" else value)
+        if post.largest:
+            clean = keep_largest(clean)
+        if post.fill_holes:
+            clean = fill_holes(clean)
+        if clean is not fg:
+            labels = np.where(clean, np.where(fg, labels, 1), 0).astype(np.uint8)
+        timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
+        return labels.astype(np.uint8), np.clip(prob, 0, 1).astype(np.float32), dis.astype(np.float32)
