@@ -1,0 +1,376 @@
+"""Hand-off of the cord mask to SCT's motion correction and PAM50 normalisation.
+
+Functions take paths and return paths, so a lab can call them from its own pipeline:
+
+- :func:`moco_mask` builds the mask ``sct_fmri_moco -m`` wants: a cylinder of a given
+  diameter centred, slice by slice, on the centre of the cord segmentation, with slices
+  where the cord was not found interpolated from their neighbours.
+- :func:`fmri_pipeline` runs, with SCT's tools: temporal mean -> segmentation -> moco mask
+  -> ``sct_fmri_moco`` -> segmentation of the motion-corrected mean -> registration of the
+  PAM50 template onto it (``sct_register_multimodal``: ``type=seg`` steps then a refinement
+  on the image, optionally initialised with anatomical warps) -> ``sct_warp_template``.
+  A step is skipped when its outputs are newer than its inputs; every command is logged in
+  ``fmri_pipeline.log`` next to the outputs, which follow SCT's names.
+
+Errors are :class:`HandoffError` (an EpiSegError) naming the step and, for an SCT command,
+the command line and the command's own message. A failed step removes what it wrote, so a
+re-run never mistakes a partial output for a finished one; earlier outputs stay.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import io_orientation
+
+from .errors import EpiSegError, InputError
+from .read import load_nifti, strip_nifti_suffix
+from .write import like, save_nifti
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIAMETER_MM = 35.0  # SCT's fMRI tutorial: sct_create_mask -size 35mm -f cylinder
+# PAM50 -> moco mean: align the cords slice by slice, deform along the cord, then refine on the image
+DEFAULT_REG_PARAM = ("step=1,type=seg,algo=centermass:"
+                     "step=2,type=seg,algo=bsplinesyn,metric=MeanSquares,iter=3,smooth=1,slicewise=0:"
+                     "step=3,type=im,algo=syn,metric=CC,iter=3,slicewise=0")
+SCT_TOOLS = ("sct_maths", "sct_fmri_moco", "sct_register_multimodal", "sct_warp_template")
+LOG_NAME = "fmri_pipeline.log"
+
+
+class HandoffError(EpiSegError):
+    """A hand-off step failed; the message names the step (and the command and its message)."""
+
+
+# --- moco mask --------------------------------------------------------------------------------
+
+def _grid(img: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
+    return tuple(img.shape[:3]), img.affine
+
+
+def check_same_grid(seg_img: nib.Nifti1Image, seg_name: str, ref_img: nib.Nifti1Image, ref_name: str) -> None:
+    """Raise InputError unless the segmentation lies on the 3D grid of the reference image."""
+    (s_shape, s_aff), (r_shape, r_aff) = _grid(seg_img), _grid(ref_img)
+    if s_shape != r_shape or not np.allclose(s_aff, r_aff, atol=1e-3):
+        s_zooms = tuple(round(float(z), 3) for z in np.sqrt((s_aff[:3, :3] ** 2).sum(0)))
+        r_zooms = tuple(round(float(z), 3) for z in np.sqrt((r_aff[:3, :3] ** 2).sum(0)))
+        raise InputError(f"{seg_name}: its grid (shape {s_shape}, voxels {s_zooms} mm) differs from that of "
+                         f"{ref_name} (shape {r_shape}, voxels {r_zooms} mm); use a segmentation of this image "
+                         f"(sct_deepseg_epi -i {ref_name}) or bring it onto this grid first "
+                         f"(sct_register_multimodal -identity 1 -x nn)")
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """The voxel axis closest to the superior-inferior direction (axial slices are across it)."""
+    ornt = io_orientation(affine)
+    return int(np.flatnonzero(ornt[:, 0] == 2)[0])
+
+
+def cord_centreline(seg: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice in-plane centre of a 3D mask (voxel indices), slices without cord interpolated.
+
+    Returns ``(centres, found)``: an (n_slices, 2) array of in-plane indices (the two other
+    axes in increasing order) and a boolean array of the slices where the cord was present.
+    Beyond the first and last cord slices the nearest centre is kept.
+    """
+    m = np.moveaxis(np.asarray(seg) > 0, axis, -1)
+    n = m.shape[-1]
+    found = m.reshape(-1, n).any(axis=0)
+    if not found.any():
+        raise InputError("the segmentation is empty (no cord found), so there is no centreline to centre on")
+    centres = np.zeros((n, 2))
+    for z in np.flatnonzero(found):
+        idx = np.argwhere(m[..., z])
+        centres[z] = idx.mean(axis=0)
+    zs = np.flatnonzero(found)
+    for k in range(2):
+        centres[:, k] = np.interp(np.arange(n), zs, centres[zs, k])
+    return centres, found
+
+
+def cylinder(shape: tuple[int, int, int], affine: np.ndarray, centres: np.ndarray, axis: int,
+             diameter_mm: float) -> np.ndarray:
+    """A uint8 mask: in each slice, the disc of ``diameter_mm`` around that slice's centre.
+
+    Distances are measured in millimetres through the affine, so anisotropic or oblique
+    in-plane voxels give a round disc.
+    """
+    if not diameter_mm > 0:
+        raise InputError(f"the cylinder diameter must be positive, not {diameter_mm} mm")
+    in_plane = [k for k in range(3) if k != axis]
+    va, vb = affine[:3, in_plane[0]], affine[:3, in_plane[1]]
+    na, nb = shape[in_plane[0]], shape[in_plane[1]]
+    ia, ib = np.meshgrid(np.arange(na, dtype=float), np.arange(nb, dtype=float), indexing="ij")
+    out = np.zeros((na, nb, shape[axis]), np.uint8)
+    r2 = (diameter_mm / 2.0) ** 2
+    for z, (ca, cb) in enumerate(centres):
+        da, db = ia - ca, ib - cb
+        d2 = sum((da * va[k] + db * vb[k]) ** 2 for k in range(3))
+        out[..., z] = d2 <= r2
+    return np.moveaxis(out, -1, axis)
+
+
+def default_mask_path(bold: Path | str) -> Path:
+    """SCT's name for a mask made from ``fmri.nii.gz``: ``mask_fmri.nii.gz`` beside it."""
+    p = Path(bold)
+    return p.parent / f"mask_{Path(strip_nifti_suffix(p.name)).name}.nii.gz"
+
+
+def moco_mask(bold: Path | str, seg: Path | str, out: Path | str | None = None,
+              diameter_mm: float = DEFAULT_DIAMETER_MM) -> Path:
+    """Write the cylinder mask for ``sct_fmri_moco -m`` and return its path.
+
+    ``bold`` is the fMRI series (3D or 4D) and ``seg`` a cord mask on its 3D grid (a 4D mask,
+    from ``-4d each``, is reduced to the voxels that are cord in at least half the volumes).
+    The default output is ``mask_<bold>.nii.gz`` beside ``bold``, as ``sct_create_mask`` names it.
+    Raises InputError for a mask on another grid or an empty mask.
+    """
+    bold_img, seg_img = load_nifti(bold), load_nifti(seg)
+    check_same_grid(seg_img, str(seg), bold_img, str(bold))
+    data = np.asarray(seg_img.dataobj)
+    if data.ndim == 4:
+        data = (data > 0).mean(axis=-1) >= 0.5
+    data = data.reshape(seg_img.shape[:3]) > 0
+    axis = slice_axis(seg_img.affine)
+    try:
+        centres, found = cord_centreline(data, axis)
+    except InputError as exc:
+        raise InputError(f"{seg}: {exc}") from None
+    mask = cylinder(seg_img.shape[:3], seg_img.affine, centres, axis, diameter_mm)
+    out = Path(out) if out is not None else default_mask_path(bold)
+    ref = seg_img if seg_img.ndim == 3 else seg_img.slicer[..., 0]
+    save_nifti(like(mask, ref), out)
+    n_missing = int((~found).sum())
+    if n_missing:
+        log.info("%s: %d of %d slices had no cord; their centre was interpolated", seg, n_missing, found.size)
+    return out
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+@dataclass
+class PipelineOutputs:
+    """Paths written by :func:`fmri_pipeline` (SCT's names, in the output folder)."""
+
+    mean: Path
+    mean_seg: Path
+    mask: Path
+    moco: Path
+    moco_mean: Path
+    moco_params: Path
+    moco_mean_seg: Path
+    warp_template2fmri: Path
+    warp_fmri2template: Path
+    template_reg: Path
+    levels: Path
+    log: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def find_template(template: Path | str | None = None) -> Path:
+    """The PAM50 folder: ``template`` if given, else ``$SCT_DIR/data/PAM50``."""
+    if template is not None:
+        return Path(template)
+    from .registry.store import sct_dir
+
+    root = sct_dir()
+    if root is None and shutil.which("sct_maths"):
+        root = Path(shutil.which("sct_maths")).resolve().parent.parent  # $SCT_DIR/bin/sct_maths
+    return (root or Path(os.environ.get("SCT_DIR", "."))) / "data" / "PAM50"
+
+
+def check_sct(tools: Sequence[str] = SCT_TOOLS) -> None:
+    """Raise HandoffError at once, naming the first SCT tool that is not on PATH."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise HandoffError(f"fmri-pipeline needs the Spinal Cord Toolbox: {tool} is not on PATH "
+                               "(install SCT, https://spinalcordtoolbox.com, or activate its environment)")
+
+
+def _newer(outputs: Sequence[Path], inputs: Sequence[Path]) -> bool:
+    if not all(p.exists() for p in outputs):
+        return False
+    newest_input = max((p.stat().st_mtime_ns for p in inputs if p.exists()), default=0)
+    return min(p.stat().st_mtime_ns for p in outputs) >= newest_input
+
+
+def _command_message(output: str) -> str:
+    """The line of a command's output that explains its failure (SCT prints a lot before it)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    if not lines:
+        return "no output"
+    if any(ln.startswith("Traceback") for ln in lines):
+        return lines[-1]  # the exception and its message
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return errors[-1] if errors else lines[-1]
+
+
+class _Steps:
+    """Runs steps in order: skip if up to date, log, and clean up after a failure."""
+
+    def __init__(self, folder: Path, force: bool, run_command: Callable[..., subprocess.CompletedProcess]):
+        self.folder = folder
+        self.force = force
+        self.run_command = run_command
+        self.log_path = folder / LOG_NAME
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def note(self, text: str) -> None:
+        log.info("%s", text)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}\n")
+
+    def step(self, name: str, inputs: Sequence[Path], outputs: Sequence[Path], action: Callable[[], None]) -> None:
+        if not self.force and _newer(outputs, inputs):
+            self.note(f"step '{name}': up to date, skipped ({', '.join(p.name for p in outputs)})")
+            self.skipped.append(name)
+            return
+        self.note(f"step '{name}': running")
+        start = time.time() - 1.0
+        try:
+            action()
+        except BaseException:
+            for p in outputs:  # a partial output must not pass for a finished one next time
+                if p.exists() and p.stat().st_mtime >= start:
+                    p.unlink()
+            raise
+        missing = [p.name for p in outputs if not p.exists()]
+        if missing:
+            raise HandoffError(f"step '{name}' finished but did not write {', '.join(missing)}")
+        self.ran.append(name)
+
+    def sct(self, name: str, cmd: list[str]) -> None:
+        line = shlex.join(cmd)
+        self.note(f"$ {line}")
+        proc = self.run_command(cmd, cwd=self.folder)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(proc.stdout or "")
+            f.write(f"[exit status {proc.returncode}]\n")
+        if proc.returncode != 0:
+            raise HandoffError(f"step '{name}' failed: `{line}` exited with status {proc.returncode}: "
+                               f"{_command_message(proc.stdout or '')} (full output in {self.log_path})")
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: Path | str | None = None,
+                  model: str | Path = "seg_sc_epi", options=None, template: Path | str | None = None,
+                  initwarp: Path | str | None = None, initwarpinv: Path | str | None = None,
+                  diameter_mm: float = DEFAULT_DIAMETER_MM, param: str = DEFAULT_REG_PARAM,
+                  qc: Path | str | None = None, qc_dataset: str | None = None, qc_subject: str | None = None,
+                  force: bool = False,
+                  run_command: Callable[..., subprocess.CompletedProcess] = _run) -> PipelineOutputs:
+    """Motion-correct an fMRI series and register PAM50 to it, with SCT's tools and our masks.
+
+    ``seg``: a cord mask of the series' temporal mean to use instead of segmenting it.
+    ``options``: :class:`sct_deepseg_epi.api.Options` for both segmentations.
+    ``template``: the PAM50 folder (default ``$SCT_DIR/data/PAM50``); ``initwarp`` and
+    ``initwarpinv``: the subject's template->anatomy and anatomy->template warps, which
+    initialise the registration (strongly advised: without them the template is placed by
+    the image headers alone). ``qc``: a folder for SCT's QC report of each step.
+    ``force``: run every step even when its outputs are up to date.
+
+    Raises HandoffError naming the step (before any step for a missing SCT tool or template
+    file) and InputError for an unusable input.
+    """
+    from . import api
+
+    check_sct()
+    bold = Path(bold).resolve()
+    if not bold.is_file():
+        raise InputError(f"{bold}: no such file")
+    img = load_nifti(bold)
+    if img.ndim != 4 or img.shape[3] < 2:
+        raise InputError(f"{bold}: motion correction needs a 4D series (shape {img.shape})")
+    folder = Path(ofolder).resolve() if ofolder is not None else bold.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    pam50 = find_template(template)
+    tpl = {k: pam50 / "template" / f"PAM50_{k}.nii.gz" for k in ("t2s", "cord", "levels")}
+    for path in list(tpl.values()) + [pam50 / "template" / "info_label.txt"]:
+        if not path.is_file():
+            raise HandoffError(f"the PAM50 template is incomplete: {path} is missing (run sct_download_data -d PAM50, "
+                               "or give the template folder with -template)")
+    warps = [Path(w).resolve() for w in (initwarp, initwarpinv) if w is not None]
+    if (initwarp is None) != (initwarpinv is None):
+        raise InputError("-initwarp and -initwarpinv go together (template->anatomy and anatomy->template warps)")
+    for w in warps:
+        if not w.is_file():
+            raise InputError(f"{w}: no such file")
+    options = options or api.Options()
+    stem = Path(strip_nifti_suffix(bold.name)).name
+    out = PipelineOutputs(
+        mean=folder / f"{stem}_mean.nii.gz", mean_seg=folder / f"{stem}_mean_seg.nii.gz",
+        mask=folder / f"mask_{stem}.nii.gz", moco=folder / f"{stem}_moco.nii.gz",
+        moco_mean=folder / f"{stem}_moco_mean.nii.gz", moco_params=folder / "moco_params.tsv",
+        moco_mean_seg=folder / f"{stem}_moco_mean_seg.nii.gz",
+        warp_template2fmri=folder / "warp_template2fmri.nii.gz", warp_fmri2template=folder / "warp_fmri2template.nii.gz",
+        template_reg=folder / "PAM50_t2s_reg.nii.gz", levels=folder / "label" / "template" / "PAM50_levels.nii.gz",
+        log=folder / LOG_NAME)
+    steps = _Steps(folder, force, run_command)
+    qc_args = ["-qc", str(Path(qc).resolve())] if qc else []
+    qc_args += (["-qc-dataset", qc_dataset] if qc and qc_dataset else []) + (["-qc-subject", qc_subject] if qc and qc_subject else [])
+    steps.note(f"fmri-pipeline: {bold} -> {folder}")
+
+    def segment(src: Path, dst: Path, name: str) -> Callable[[], None]:
+        def action():
+            steps.note(f"$ sct_deepseg_epi -i {src} -o {dst} -model {model}")
+            api.run(src, dst, model=model, options=options)
+            if not np.any(np.asarray(nib.load(str(dst)).dataobj)):
+                dst.unlink()
+                raise HandoffError(f"step '{name}': no spinal cord found in {src.name}; check the image "
+                                   f"(or give a corrected mask with -s) before motion correction")
+        return action
+
+    steps.step("temporal mean", [bold], [out.mean],
+               lambda: steps.sct("temporal mean", ["sct_maths", "-i", str(bold), "-mean", "t", "-o", str(out.mean)]))
+    if seg is not None:
+        seg = Path(seg).resolve()
+        check_same_grid(load_nifti(seg), str(seg), img, str(bold))
+        out.mean_seg = seg
+    else:
+        steps.step("segmentation", [out.mean], [out.mean_seg], segment(out.mean, out.mean_seg, "segmentation"))
+
+    def make_mask():
+        try:
+            moco_mask(bold, out.mean_seg, out.mask, diameter_mm)
+        except InputError as exc:
+            raise HandoffError(f"step 'moco mask': {exc}") from None
+
+    steps.step("moco mask", [bold, out.mean_seg], [out.mask], make_mask)
+    moco_outputs = [out.moco, out.moco_mean, out.moco_params]
+    moco_qc = qc_args + (["-qc-seg", str(out.mean_seg)] if qc else [])
+    steps.step("motion correction", [bold, out.mask], moco_outputs,
+               lambda: steps.sct("motion correction", ["sct_fmri_moco", "-i", str(bold), "-m", str(out.mask),
+                                                       "-ofolder", str(folder)] + moco_qc))
+    steps.step("segmentation of the moco mean", [out.moco_mean], [out.moco_mean_seg],
+               segment(out.moco_mean, out.moco_mean_seg, "segmentation of the moco mean"))
+    reg_cmd = ["sct_register_multimodal", "-i", str(tpl["t2s"]), "-iseg", str(tpl["cord"]), "-d", str(out.moco_mean),
+               "-dseg", str(out.moco_mean_seg), "-param", param, "-o", str(out.template_reg),
+               "-owarp", str(out.warp_template2fmri), "-owarpinv", str(out.warp_fmri2template), "-ofolder", str(folder)]
+    if warps:
+        reg_cmd += ["-initwarp", str(warps[0]), "-initwarpinv", str(warps[1])]
+    else:
+        steps.note("no -initwarp/-initwarpinv: the template starts where the image headers put it")
+    steps.step("template registration", [out.moco_mean, out.moco_mean_seg, tpl["t2s"], tpl["cord"], *warps],
+               [out.template_reg, out.warp_template2fmri, out.warp_fmri2template],
+               lambda: steps.sct("template registration", reg_cmd + qc_args))
+    steps.step("warp template", [out.moco_mean, out.warp_template2fmri], [out.levels],
+               lambda: steps.sct("warp template", ["sct_warp_template", "-d", str(out.moco_mean), "-w",
+                                                   str(out.warp_template2fmri), "-a", "0", "-t", str(pam50),
+                                                   "-ofolder", str(folder / "label")] + qc_args))
+    out.ran, out.skipped = steps.ran, steps.skipped
+    steps.note(f"fmri-pipeline done: ran {len(out.ran)} step(s), {len(out.skipped)} up to date")
+    return out
