@@ -261,3 +261,42 @@ def test_missing_dask_is_explained(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ImportError, match=r"pip install 'sct_deepseg_epi\[dask\]'"):
         batch.run_batch(ds, model="tiny", scheduler="tcp://127.0.0.1:8786")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hang a worker")
+def test_a_worker_that_dies_is_replaced_and_its_run_recorded(tiny_model, tmp_path):
+    """Kill the worker stuck on one run, twice: that run fails, the others are done, the batch ends."""
+    import multiprocessing
+    import signal
+
+    ds = make_dataset(tmp_path / "ds", runs=("sub-02/func/sub-02_task-rest_bold.nii.gz",))
+    fifo = ds / "sub-01/func/sub-01_task-rest_bold.nii.gz"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)  # reading it blocks forever: a stand-in for a worker that hangs or is killed
+    seen: list = []
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(batch.run_batch(
+        ds, model="tiny", jobs=2, progress=lambda r, n, total: seen.append(r.run))), daemon=True)
+    t.start()
+    try:
+        killed: set[int] = set()
+        for _ in range(2):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                kids = [k for k in multiprocessing.active_children() if k.pid not in killed]
+                if kids and seen:  # a (new) worker holds the FIFO run, and the good run has finished
+                    break
+                time.sleep(0.05)
+            time.sleep(0.3)
+            for k in kids:
+                killed.add(k.pid)
+                os.kill(k.pid, signal.SIGKILL)
+        t.join(30)
+        assert not t.is_alive()
+    finally:
+        if t.is_alive():  # unblock the reader so the pool can shut down
+            with open(fifo, "wb"):
+                pass
+    res = result[0]
+    assert [r.status for r in res.records] == ["failed", "done"]
+    assert "worker process died twice" in res.records[0].error
