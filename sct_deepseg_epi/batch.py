@@ -26,7 +26,8 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -131,8 +132,13 @@ def _init_worker(threads: int, log_level: int) -> None:
     logging.getLogger("sct_deepseg_epi").setLevel(log_level)
 
 
-def _dask_threads() -> int | None:
-    """Threads per task on the Dask worker running this task: its CPUs / its concurrent tasks."""
+def _dask_threads(plan: dict[str, int] | None = None) -> int | None:
+    """Threads per task on the Dask worker running this task (None outside Dask).
+
+    ``plan`` maps worker addresses to threads, computed by the client so that all the
+    workers on one host together use that host's CPUs once; a worker that joined later
+    falls back to its CPUs divided by its own concurrent tasks.
+    """
     if "distributed" not in sys.modules:
         return None
     try:
@@ -141,7 +147,26 @@ def _dask_threads() -> int | None:
         w = get_worker()
     except (ImportError, ValueError):
         return None
+    if plan and w.address in plan:
+        return plan[w.address]
     return max(1, cpu_count() // max(1, int(getattr(w.state, "nthreads", 1))))
+
+
+def thread_plan(client: Any) -> dict[str, int]:
+    """Worker address -> intra-op threads: each host's CPUs shared among its workers' task slots."""
+    workers = client.scheduler_info().get("workers", {})
+    cores = client.run(cpu_count)
+    slots: dict[str, int] = {}
+    for info in workers.values():
+        slots[info.get("host")] = slots.get(info.get("host"), 0) + int(info.get("nthreads", 1))
+    return {addr: max(1, int(cores.get(addr, 1)) // max(1, slots.get(info.get("host"), 1)))
+            for addr, info in workers.items()}
+
+
+def _process_on_dask(job: Job, plan: dict[str, int]) -> Record:
+    if job.threads is None:
+        job = _replace(job, threads=_dask_threads(plan))
+    return process(job)
 
 
 def mask_stats(path: Path) -> tuple[float, int, int]:
@@ -430,10 +455,6 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     return BatchResult(records, deriv, summary, description, notes)
 
 
-def _replace(job: Job, **kw) -> Job:
-    return Job(**{**{f.name: getattr(job, f.name) for f in fields(Job)}, **kw})
-
-
 # Executors: context managers with run_all(jobs, finished) -> the jobs another batch holds.
 class _Serial:
     def __init__(self, threads: int):
@@ -564,7 +585,13 @@ class _Dask:
 
     def run_all(self, jobs: list[Job], finished: Callable[[Record], None]) -> list[Job]:
         distributed = _require_distributed()
-        futures = {self.client.submit(process, j, pure=False, key=f"sct_deepseg_epi-{j.run.stem}-{os.urandom(4).hex()}"): j
+        try:
+            plan = thread_plan(self.client)
+        except Exception as exc:  # a scheduler that will not say: let each task decide
+            log.debug("no thread plan from the Dask cluster: %s", exc)
+            plan = {}
+        futures = {self.client.submit(_process_on_dask, j, plan, pure=False,
+                                      key=f"sct_deepseg_epi-{j.run.stem}-{os.urandom(4).hex()}"): j
                    for j in jobs}
         busy = []
         for fut in distributed.as_completed(list(futures)):

@@ -245,6 +245,8 @@ def test_dask_local_cluster(tiny_model, tmp_path):
     bad.write_bytes(b"")
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", host="127.0.0.1",
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        (addr,) = client.scheduler_info()["workers"]
+        assert batch.thread_plan(client) == {addr: max(1, batch.cpu_count() // 2)}  # 2 task slots share the CPUs
         res = batch.run_batch(ds, model="tiny", client=client)
         assert [r.status for r in res.records] == ["done", "done", "failed"]
         assert "the file is empty" in res.records[2].error
