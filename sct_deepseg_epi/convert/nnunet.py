@@ -173,13 +173,20 @@ def _build_network(plans: dict, dataset: dict, configuration: str, trainer_name:
 
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
+    n_in = determine_num_input_channels(pm, cm, dataset)
+    n_out = pm.get_label_manager(dataset).num_segmentation_heads
+    if trainer_name == "nnUNetTrainer":  # its build_network_architecture is exactly this; skip importing trainers
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=False,
+                                     deep_supervision=False)
+        return net, n_in, n_out, list(cm.patch_size)
     trainer_cls = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"),
                                               trainer_name, "nnunetv2.training.nnUNetTrainer")
     if trainer_cls is None:
         raise _refuse("trainer", f"{trainer_name} is not a trainer that nnunetv2 ships; a custom trainer's network "
                       "cannot be rebuilt without running its code")
-    n_in = determine_num_input_channels(pm, cm, dataset)
-    n_out = pm.get_label_manager(dataset).num_segmentation_heads
     try:
         net = trainer_cls.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
     except TypeError:  # trainers of nnunetv2 < 2.5 take the architecture fields one by one

@@ -66,78 +66,111 @@ def nnunet_env(root: Path):
                 os.environ[k] = v
 
 
-def make_model(root: Path, *, configuration: str = "3d_fullres", dataset_id: int = 501,
-               shape: Sequence[int] = (40, 36, 8), zooms: Sequence[float] = (1.0, 1.0, 4.0),
-               n_cases: int = 3, folds: int = 1, features: Sequence[int] = (4, 8, 16),
-               patch_size: Sequence[int] | None = None, reader: str | None = None,
-               normalisation: str | None = None, labels: dict | None = None,
-               regions_class_order: Sequence[int] | None = None, seed: int = 0,
-               logit_scale: float = 1.0, train_steps: int = 0) -> Path:
-    """Plan a synthetic dataset with nnU-Net and write a trained-model folder; returns it.
+def plan_dataset(root: Path, *, dataset_id: int = 501, shape: Sequence[int] = (40, 36, 8),
+                 zooms: Sequence[float] = (1.0, 1.0, 4.0), n_cases: int = 2, seed: int = 0,
+                 labels: dict | None = None, regions_class_order: Sequence[int] | None = None,
+                 channel_name: str = "EPI", background: float = 0.0) -> tuple[dict, dict, Path]:
+    """Write a synthetic raw dataset and let nnU-Net fingerprint and plan it.
 
-    ``features`` sets the width of each stage (its length, the depth); ``patch_size`` (in
-    nnU-Net's transposed order) replaces the planned one; ``reader`` / ``normalisation``
-    override the plan's image reader and scheme; ``labels`` / ``regions_class_order`` make
-    a region-based model; ``train_steps`` fits each fold briefly to the synthetic masks.
+    Returns (plans, dataset.json, raw folder). The per-case fingerprints are nnU-Net's own
+    (``DatasetFingerprintExtractor.analyze_case``); they are gathered in this process rather
+    than in nnU-Net's spawned worker pool, which alone takes seconds to start.
     """
-    import torch
-
     root = Path(root)
     name = f"Dataset{dataset_id:03d}_Synth"
     with nnunet_env(root), contextlib.redirect_stdout(io.StringIO()):
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import \
+            DatasetFingerprintExtractor
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiments
+        from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
         raw = root / "nnUNet_raw" / name
         (raw / "imagesTr").mkdir(parents=True, exist_ok=True)
         (raw / "labelsTr").mkdir(parents=True, exist_ok=True)
         for i in range(n_cases):
-            img, seg = synthetic_case(shape, zooms, seed + i)
+            img, seg = synthetic_case(shape, zooms, seed + i, background=background)
+            if labels and len(labels) > 2:  # a second structure: the cord's central half
+                img2, seg2 = synthetic_case(shape, zooms, seed + i, radius_mm=2.0, background=background)
+                seg = seg + seg2
             _save(img, zooms, raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
             _save(seg, zooms, raw / "labelsTr" / f"case_{i:03d}.nii.gz")
-        dj = {"channel_names": {"0": normalisation_channel_name(normalisation)},
-              "labels": labels or {"background": 0, "cord": 1},
+        dj = {"channel_names": {"0": channel_name}, "labels": labels or {"background": 0, "cord": 1},
               "numTraining": n_cases, "file_ending": ".nii.gz"}
         if regions_class_order is not None:
             dj["regions_class_order"] = list(regions_class_order)
         (raw / "dataset.json").write_text(json.dumps(dj))
-        extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=False, verbose=False,
-                             show_progress_bar=False)
-        plan_experiments([dataset_id])
+        fe = DatasetFingerprintExtractor(dataset_id, 1)
+        cases = list(fe.dataset.values())
+        reader = determine_reader_writer_from_dataset_json(dj, cases[0]["images"][0])
+        res = [DatasetFingerprintExtractor.analyze_case(c["images"], c["label"], reader, 2000) for c in cases]
+        fg = np.concatenate([r[2][0] for r in res])
+        q = np.percentile(fg, (0.5, 50.0, 99.5))
+        fingerprint = {
+            "spacings": [list(map(float, r[1])) for r in res],
+            "shapes_after_crop": [list(map(int, r[0])) for r in res],
+            "foreground_intensity_properties_per_channel": {"0": {
+                "mean": float(fg.mean()), "median": float(q[1]), "std": float(fg.std()), "min": float(fg.min()),
+                "max": float(fg.max()), "percentile_99_5": float(q[2]), "percentile_00_5": float(q[0])}},
+            "median_relative_size_after_cropping": float(np.median([r[4] for r in res])),
+        }
         pre = root / "nnUNet_preprocessed" / name
+        pre.mkdir(parents=True, exist_ok=True)
+        (pre / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+        plan_experiments([dataset_id])
         plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    return plans, dj, raw
+
+
+def write_trained(out_root: Path, plans: dict, dataset_json: dict, *, configuration: str = "3d_fullres",
+                  folds: int = 1, features: Sequence[int] = (4, 8, 16), patch_size: Sequence[int] | None = None,
+                  reader: str | None = None, normalisation: str | None = None, use_mask_for_norm: bool = False,
+                  seed: int = 0, logit_scale: float = 1.0, train_steps: int = 0, raw: Path | None = None) -> Path:
+    """A trained-model folder ``out_root/nnUNetTrainer__nnUNetPlans__<configuration>`` from planned data.
+
+    ``features`` sets the width of each stage (its length, the depth); ``patch_size`` (in
+    nnU-Net's transposed order) replaces the planned one; ``reader``/``normalisation``
+    override the plan's; each fold's weights are random (seeded), scaled at the output by
+    ``logit_scale``, or fitted for ``train_steps`` steps on the cases in ``raw``.
+    """
+    import copy
+
+    import torch
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        plans = copy.deepcopy(plans)
         if configuration not in plans["configurations"]:
             raise ValueError(f"nnU-Net did not plan {configuration!r} for this data "
                              f"(planned: {', '.join(plans['configurations'])})")
         cfg = plans["configurations"][configuration]
         _shrink(cfg, features, patch_size)
-        for other in list(plans["configurations"]):
-            if other != configuration:
-                del plans["configurations"][other]
         if reader is not None:
             plans["image_reader_writer"] = reader
         if normalisation is not None:
             cfg["normalization_schemes"] = [normalisation]
-        (pre / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
-        out = root / "nnUNet_results" / name / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+        cfg["use_mask_for_norm"] = [bool(use_mask_for_norm)]
+        out = Path(out_root) / f"nnUNetTrainer__nnUNetPlans__{configuration}"
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(pre / "nnUNetPlans.json", out / "plans.json")
-        shutil.copyfile(raw / "dataset.json", out / "dataset.json")
-        shutil.copyfile(pre / "dataset_fingerprint.json", out / "dataset_fingerprint.json")
+        (out / "plans.json").write_text(json.dumps(plans, indent=2))
+        (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
         pm = PlansManager(plans)
         cm = pm.get_configuration(configuration)
-        n_out = pm.get_label_manager(dj).num_segmentation_heads
+        n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
         mirror_axes = tuple(range(len(cm.patch_size)))
         for fold in range(folds):
             torch.manual_seed(seed * 100 + fold)
-            net = nnUNetTrainer.build_network_architecture(pm, cm, 1, n_out, enable_deep_supervision=True)
+            # what nnUNetTrainer.build_network_architecture does (importing the trainer costs seconds)
+            net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                         cm.network_arch_init_kwargs_req_import, 1, n_out, allow_init=True,
+                                         deep_supervision=True)
             if logit_scale != 1.0:
                 with torch.no_grad():
                     for layer in net.decoder.seg_layers:
                         layer.weight.mul_(logit_scale)
             if train_steps:
-                _fit(net, raw, pm, configuration, dj, train_steps)
+                _fit(net, raw, pm, configuration, dataset_json, train_steps)
             opt = torch.optim.SGD(net.parameters(), 1e-2, momentum=0.99, nesterov=True)
             # the keys and kinds of values nnUNetTrainer.save_checkpoint writes (numpy floats included)
             checkpoint = {
@@ -151,7 +184,7 @@ def make_model(root: Path, *, configuration: str = "3d_fullres", dataset_id: int
                 "_best_ema": np.float64(0.5),
                 "current_epoch": 1,
                 "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
-                              "dataset_json": dj, "device": torch.device("cpu")},
+                              "dataset_json": dataset_json, "device": torch.device("cpu")},
                 "trainer_name": "nnUNetTrainer",
                 "inference_allowed_mirroring_axes": mirror_axes,
             }
