@@ -22,7 +22,7 @@ from . import __version__
 from .errors import IntegrityError, ModelError
 from .infer import Ensemble
 from .postprocess import PostOptions, postprocess
-from .preprocess import prepare, restore
+from .preprocess import model_grid_shape, prepare, restore, roi_around
 from .read import Volume, from_image, read_volume
 from .registry import download, store
 from .registry.manifest import ModelSpec, load_manifest
@@ -31,6 +31,7 @@ from .write import FrameWriter, check_output, default_output, derived_path, file
 log = logging.getLogger(__name__)
 Mode4D = Literal["mean", "each"]
 _ENSEMBLES: dict[tuple, Ensemble] = {}
+ROI_MARGIN_MM = 24.0  # -4d each: margin around the mean's cord; covers breathing and motion
 
 
 def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: bool = True) -> ModelSpec:
@@ -129,10 +130,13 @@ class Segmentation:
                           self.warnings, np.asarray(self.mask.dataobj))
 
 
-def _segment_array(data_ras: np.ndarray, vol: Volume, ens: Ensemble, post: PostOptions,
-                   timings: dict[str, float]) -> Frame:
+def _segment_ras(data_ras: np.ndarray, vol: Volume, ens: Ensemble, post: PostOptions,
+                 timings: dict[str, float], roi: tuple[slice, slice] | None = None) -> tuple[np.ndarray, ...]:
+    """One 3D RAS array -> (mask, probability, disagreement) on the native RAS grid."""
+    if ens.spec.nnunet is not None:  # an imported nnU-Net model: nnU-Net's own recipe, whole field
+        return ens.segment(data_ras, vol, post, timings)
     t0 = time.perf_counter()
-    prep = prepare(data_ras, vol.zooms, ens.spec)
+    prep = prepare(data_ras, vol.zooms, ens.spec, roi=roi)
     t1 = time.perf_counter()
     out = ens.predict(prep.batch)
     t2 = time.perf_counter()
@@ -142,20 +146,37 @@ def _segment_array(data_ras: np.ndarray, vol: Volume, ens: Ensemble, post: PostO
     t3 = time.perf_counter()
     for k, v in (("preprocess", t1 - t0), ("infer", t2 - t1), ("postprocess", t3 - t2)):
         timings[k] = timings.get(k, 0.0) + v
+    return mask, prob, dis
+
+
+def _frame(vol: Volume, mask: np.ndarray, prob: np.ndarray, dis: np.ndarray) -> Frame:
     return Frame(vol.to_native(mask).astype(np.uint8), vol.to_native(prob).astype(np.float32),
                  vol.to_native(dis).astype(np.float32))
 
 
 def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[str, float] | None = None) -> Iterator[Frame]:
-    """Segment a Volume: one Frame for a 3D image or ``-4d mean``, one per volume for ``-4d each``."""
+    """Segment a Volume: one Frame for a 3D image or ``-4d mean``, one per volume for ``-4d each``.
+
+    With ``-4d each`` the temporal mean is segmented first and every volume is then run on
+    a region around that cord (plus a margin of ROI_MARGIN_MM for motion), normalised with
+    its whole-image statistics: the cord stays inside, and each volume costs a fraction of
+    a full-field pass. Without a cord in the mean, volumes are run on the full field.
+    """
     timings = {} if timings is None else timings
     ens = get_ensemble(spec, options.device, options.threads, options.tta)
+    if spec.nnunet is not None:
+        from .nnunet_pipeline import NnunetRunner
+
+        ens = NnunetRunner(ens, tta=options.tta)
     post = options.post(spec)
     if vol.is_4d and options.mode_4d == "each":
+        mean_mask, _, _ = _segment_ras(vol.data, vol, ens, post, timings)
+        model_xy = model_grid_shape(vol.data.shape[:2], vol.zooms[:2], spec.spacing_mm)
+        roi = roi_around(mean_mask, spec, model_xy, ROI_MARGIN_MM)
         for frame in vol.iter_frames():
-            yield _segment_array(frame, vol, ens, post, timings)
+            yield _frame(vol, *_segment_ras(frame, vol, ens, post, timings, roi))
     else:
-        yield _segment_array(vol.data, vol, ens, post, timings)
+        yield _frame(vol, *_segment_ras(vol.data, vol, ens, post, timings))
 
 
 def _as_volume(image: str | Path | nib.Nifti1Image) -> Volume:

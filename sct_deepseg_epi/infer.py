@@ -76,7 +76,8 @@ def clear_sessions() -> None:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(np.float32(0), -x)).astype(np.float32)
+    # clipped so exp cannot overflow; float32 throughout (logaddexp is several times slower)
+    return (1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))).astype(np.float32, copy=False)
 
 
 def _foreground(out: np.ndarray, activation: str) -> np.ndarray:

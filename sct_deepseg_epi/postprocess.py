@@ -1,8 +1,8 @@
 """Stage 4, postprocess: probabilities on the native RAS grid -> a clean binary mask.
 
-Connected components are computed with numpy alone (label propagation with pointer
-jumping on the mask's bounding box), which keeps scipy out of the inference dependencies;
-cord masks are small, so this costs milliseconds.
+Connected components are computed with numpy alone (a vectorised union-find over the
+mask's bounding box), which keeps scipy out of the inference dependencies; cord masks are
+small, so this costs milliseconds.
 """
 from __future__ import annotations
 
@@ -27,43 +27,68 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
 
 
-def label(mask: np.ndarray, full: bool = True) -> tuple[np.ndarray, int]:
-    """Connected components of a boolean array; ``full`` = 26/8-connectivity, else faces only.
+def _neighbour_offsets(ndim: int, full: bool, axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Half of the neighbourhood (each pair of neighbours once), restricted to ``axes``."""
+    out = []
+    for o in itertools.product((-1, 0, 1), repeat=ndim):
+        if not any(o) or any(o[i] for i in range(ndim) if i not in axes):
+            continue
+        if not full and sum(map(abs, o)) != 1:
+            continue
+        if o > tuple(-x for x in o):  # keep one of o and -o
+            out.append(o)
+    return out
 
-    Returns (labels, n) with labels 1..n in order of first voxel, 0 for background.
+
+def label(mask: np.ndarray, full: bool = True, axes: tuple[int, ...] | None = None) -> tuple[np.ndarray, int]:
+    """Connected components of a boolean array.
+
+    ``full``: 26/8-connectivity, else faces only; ``axes``: connect along these axes only
+    (``(0, 1)`` labels each axial slice of a volume on its own). Returns (labels, n) with
+    labels 1..n numbered in raster order of each component's first voxel, 0 for background.
+
+    Union-find on the graph of neighbouring foreground voxels, vectorised: every edge
+    hooks the larger root onto the smaller, then paths are compressed, until each edge
+    joins two voxels of the same root. The root of a component is its first voxel.
     """
     mask = np.asarray(mask, dtype=bool)
     labels = np.zeros(mask.shape, np.int32)
     if not mask.any():
         return labels, 0
+    axes = tuple(range(mask.ndim)) if axes is None else tuple(axes)
     box = _bbox(mask)
-    m = np.pad(mask[box], 1)  # zero border: np.roll then never wraps foreground around
-    lab = np.where(m, np.arange(1, m.size + 1, dtype=np.int64).reshape(m.shape), 0)
-    offsets = [o for o in itertools.product((-1, 0, 1), repeat=m.ndim)
-               if any(o) and (full or sum(map(abs, o)) == 1)]
-    axes = tuple(range(m.ndim))
+    m = mask[box]
     fg = np.flatnonzero(m)
-    while True:
-        cur = lab.copy()
-        for o in offsets:
-            np.maximum(cur, np.roll(lab, o, axis=axes), out=cur)
-        cur[~m] = 0
-        flat = cur.ravel()
-        # pointer jumping: a label is a voxel index of the same component whose label is >= it
-        for _ in range(4):
-            flat[fg] = flat[flat[fg] - 1]
-        if np.array_equal(cur, lab):
+    index = np.full(m.shape, -1, np.int64)
+    index.ravel()[fg] = np.arange(fg.size)
+    a_parts, b_parts = [], []
+    for o in _neighbour_offsets(m.ndim, full, axes):
+        src = tuple(slice(max(0, -d), m.shape[i] - max(0, d)) for i, d in enumerate(o))
+        dst = tuple(slice(max(0, d), m.shape[i] - max(0, -d)) for i, d in enumerate(o))
+        ia, ib = index[src], index[dst]
+        both = (ia >= 0) & (ib >= 0)
+        a_parts.append(ia[both])
+        b_parts.append(ib[both])
+    a = np.concatenate(a_parts) if a_parts else np.zeros(0, np.int64)
+    b = np.concatenate(b_parts) if b_parts else np.zeros(0, np.int64)
+    parent = np.arange(fg.size)
+    while a.size:
+        pa, pb = parent[a], parent[b]
+        differ = pa != pb
+        if not differ.any():
             break
-        lab = cur
-    _, inv = np.unique(lab.ravel()[fg], return_inverse=True)
-    # renumber by first occurrence so labels are stable and 1..n
-    order = np.argsort(np.unique(inv, return_index=True)[1])
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
+        lo, hi = np.minimum(pa[differ], pb[differ]), np.maximum(pa[differ], pb[differ])
+        np.minimum.at(parent, hi, lo)
+        while True:  # path compression until every voxel points at its root
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+    roots, inv = np.unique(parent, return_inverse=True)
     out = np.zeros(m.shape, np.int32)
-    out.ravel()[fg] = rank[inv] + 1
-    labels[box] = out[tuple(slice(1, -1) for _ in range(m.ndim))]
-    return labels, int(order.size)
+    out.ravel()[fg] = inv.ravel() + 1
+    labels[box] = out
+    return labels, int(roots.size)
 
 
 def keep_largest(mask: np.ndarray) -> np.ndarray:
@@ -91,14 +116,16 @@ def remove_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill holes slice by slice in the axial plane (axes 0, 1 of a RAS volume)."""
     mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask.copy()
+    box = _bbox(mask)
+    # one voxel of background around each slice's box, so the outside is one component
+    bg = ~np.pad(mask[box], ((1, 1), (1, 1), (0, 0)))
+    lab, _ = label(bg, full=False, axes=(0, 1))
+    outside = np.unique(np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel()]))
+    holes = bg & ~np.isin(lab, outside)
     out = mask.copy()
-    for k in np.flatnonzero(mask.any(axis=(0, 1))):
-        sl = mask[:, :, k]
-        box = _bbox(sl)
-        bg = ~np.pad(sl[box], 1)
-        lab, _ = label(bg, full=False)
-        holes = (lab != lab[0, 0]) & bg  # everything not connected to the outer border
-        out[box[0], box[1], k] |= holes[1:-1, 1:-1]
+    out[box] |= holes[1:-1, 1:-1]
     return out
 
 

@@ -80,13 +80,16 @@ def normalise(arr: np.ndarray, norm: Normalisation) -> np.ndarray:
 class Prepared:
     """Network input for one volume plus what is needed to map outputs back.
 
-    ``batch`` is (Z, C, H, W): one item per axial slice, C = neighbouring slices.
+    ``batch`` is (Z, C, H, W): one item per axial slice, C = neighbouring slices. With a
+    region of interest, ``roi`` gives its slices on the model grid and ``batch`` covers
+    only that region (normalised with the whole image's statistics).
     """
 
     batch: np.ndarray
     native_xy: tuple[int, int]
     model_xy: tuple[int, int]
     pad: tuple[tuple[int, int], tuple[int, int]]
+    roi: tuple[slice, slice] | None = None
 
 
 def _pad_amounts(n: int, multiple: int) -> tuple[int, int]:
@@ -101,21 +104,56 @@ def slice_stack(vol: np.ndarray, context: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(vol, 2, 0)[idx])
 
 
+def roi_around(mask_ras: np.ndarray, spec: ModelSpec, model_xy: tuple[int, int],
+               margin_mm: float = 24.0) -> tuple[slice, slice] | None:
+    """Model-grid region covering ``mask_ras`` (native RAS grid) plus a margin, or None if empty.
+
+    The size is rounded up to the model's size multiple where the field of view allows,
+    so no padding value ever sits next to the cord.
+    """
+    if not mask_ras.any():
+        return None
+    out = []
+    for axis, (n_native, n_model, spacing) in enumerate(zip(mask_ras.shape[:2], model_xy, spec.spacing_mm)):
+        hit = np.flatnonzero(mask_ras.any(axis=tuple(i for i in range(mask_ras.ndim) if i != axis)))
+        scale = n_model / n_native
+        lo = int(np.floor(hit[0] * scale - margin_mm / spacing))
+        hi = int(np.ceil((hit[-1] + 1) * scale + margin_mm / spacing))
+        size = min(n_model, hi - lo + (-(hi - lo)) % spec.size_multiple)
+        lo = min(max(0, lo - (size - (hi - lo)) // 2), n_model - size)
+        out.append(slice(lo, lo + size))
+    return out[0], out[1]
+
+
 def prepare(vol_ras: np.ndarray, zooms: tuple[float, float, float], spec: ModelSpec,
-            model_xy: tuple[int, int] | None = None) -> Prepared:
-    """Resample in-plane to the model spacing, normalise, stack slices, pad to the size multiple."""
+            model_xy: tuple[int, int] | None = None, roi: tuple[slice, slice] | None = None) -> Prepared:
+    """Resample in-plane to the model spacing, normalise, stack slices, pad to the size multiple.
+
+    ``roi`` (model-grid slices, see :func:`roi_around`) restricts the network input to a
+    region after normalising the whole image, so intensities match a full-field run.
+    """
     native_xy = (int(vol_ras.shape[0]), int(vol_ras.shape[1]))
     if model_xy is None:
         model_xy = model_grid_shape(native_xy, zooms[:2], spec.spacing_mm)
     vol = normalise(resample_inplane(vol_ras, model_xy), spec.normalisation)
-    pad = (_pad_amounts(model_xy[0], spec.size_multiple), _pad_amounts(model_xy[1], spec.size_multiple))
-    vol = np.pad(vol, (pad[0], pad[1], (0, 0)), mode="constant", constant_values=float(vol.min()))
-    return Prepared(slice_stack(vol, spec.context_slices), native_xy, model_xy, pad)
+    fill = float(vol.min())
+    if roi is not None:
+        vol = vol[roi[0], roi[1]]
+    pad = (_pad_amounts(vol.shape[0], spec.size_multiple), _pad_amounts(vol.shape[1], spec.size_multiple))
+    vol = np.pad(vol, (pad[0], pad[1], (0, 0)), mode="constant", constant_values=fill)
+    return Prepared(slice_stack(vol, spec.context_slices), native_xy, model_xy, pad, roi)
 
 
 def restore(maps: np.ndarray, prep: Prepared) -> np.ndarray:
-    """Network-grid maps (Z, H, W) -> native RAS grid (X, Y, Z): unpad, resample back."""
+    """Network-grid maps (Z, H, W) -> native RAS grid (X, Y, Z): unpad, un-crop, resample back.
+
+    Outside a region of interest the maps are 0.
+    """
     (a0, a1), (b0, b1) = prep.pad
     h, w = maps.shape[1:]
     cropped = maps[:, a0:h - a1, b0:w - b1]
+    if prep.roi is not None:
+        full = np.zeros((maps.shape[0],) + tuple(prep.model_xy), maps.dtype)
+        full[:, prep.roi[0], prep.roi[1]] = cropped
+        cropped = full
     return resample_inplane(np.moveaxis(cropped, 0, 2), prep.native_xy)

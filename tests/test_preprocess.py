@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sct_deepseg_epi.preprocess import interp_matrix, model_grid_shape, normalise, prepare, resample_inplane, restore, slice_stack
+from sct_deepseg_epi.preprocess import (interp_matrix, model_grid_shape, normalise, prepare, resample_inplane, restore,
+                                        roi_around, slice_stack)
 from sct_deepseg_epi.registry.manifest import Normalisation, spec_from_dict
 
 
@@ -79,3 +80,33 @@ def test_restore_round_trip_of_smooth_map(zoom):
     prep = prepare(vol, (zoom, zoom, 3.0), spec(normalisation={"scheme": "none"}))
     back = restore(prep.batch[:, 0], prep)
     assert np.abs(back - vol).max() < 0.06
+
+
+def test_roi_around_covers_mask_with_margin_and_multiple():
+    s = spec()
+    mask = np.zeros((100, 80, 3), bool)
+    mask[40:50, 30:38, 1] = True
+    roi = roi_around(mask, s, (100, 80), margin_mm=10)
+    assert roi[0].start <= 30 and roi[0].stop >= 60 and roi[1].start <= 20 and roi[1].stop >= 48
+    assert (roi[0].stop - roi[0].start) % 8 == 0 and (roi[1].stop - roi[1].start) % 8 == 0
+    assert roi_around(np.zeros_like(mask), s, (100, 80)) is None
+
+
+def test_roi_at_the_edge_stays_inside_the_field():
+    mask = np.zeros((50, 50, 1), bool)
+    mask[0:3, 47:50] = True
+    roi = roi_around(mask, spec(), (50, 50), margin_mm=10)
+    assert roi[0].start == 0 and roi[1].stop == 50
+
+
+def test_roi_prepare_matches_full_field_inside():
+    rng = np.random.default_rng(2)
+    vol = rng.random((64, 64, 3)).astype(np.float32)
+    s = spec()
+    full = prepare(vol, (1.0, 1.0, 3.0), s)
+    roi = (slice(16, 40), slice(8, 32))
+    part = prepare(vol, (1.0, 1.0, 3.0), s, roi=roi)
+    # same normalised intensities where they overlap: statistics come from the whole image
+    assert np.allclose(part.batch[:, 0], full.batch[:, 0, 16:40, 8:32])
+    back = restore(part.batch[:, 0], part)
+    assert back.shape == vol.shape and (back[:16] == 0).all()
