@@ -34,7 +34,7 @@ class TrainConfig:
     """Every knob of a training run (stored in the manifest's ``training`` section)."""
 
     members: int = 3
-    n_volumes: int = 4000          # simulated stacks; each gives up to 2 training slices
+    n_volumes: int = 5000          # simulated stacks; each gives up to 2 training slices
     val_volumes: int = 240         # simulated stacks from held-out subjects, per member
     patch: int = 96
     epochs: int = 8
