@@ -371,6 +371,7 @@ def _write_description(deriv: Path, source: Path, model: dict[str, Any], src_des
 def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
               model: str | Path = "seg_sc_epi", options: dict[str, Any] | None = None,
               participants: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+              sessions: Sequence[str] | None = None,
               jobs: int = 1, threads: int | None = None, soft: bool = False, disagreement: bool = False,
               overwrite: bool = False, scheduler: str | None = None, client: Any = None,
               lock_wait: float = 6 * 3600.0,
@@ -393,7 +394,7 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     if options.get("threshold") == 0:
         raise InputError("-thr 0 (soft map as the main output) is not available in batch mode; use -soft 1")
     api._check_options(api.Options(**options))
-    found = bids.find_runs(bids_dir, participants, tasks)
+    found = bids.find_runs(bids_dir, participants, tasks, sessions)
     notes = list(found.notes)
     for n in notes:
         log.warning(n)

@@ -141,8 +141,8 @@ def read_description(root: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def find_runs(root: str | Path, participants: Iterable[str] | None = None,
-              tasks: Iterable[str] | None = None) -> Discovery:
-    """Every BOLD run of a BIDS dataset, sorted, optionally limited to some participants and tasks.
+              tasks: Iterable[str] | None = None, sessions: Iterable[str] | None = None) -> Discovery:
+    """Every BOLD run of a BIDS dataset, sorted, optionally limited to some participants, sessions and tasks.
 
     Raises InputError when ``root`` is not a folder, holds no ``sub-*`` folder, a requested
     participant does not exist, or nothing matches. Subject folders without ``func/`` and
@@ -165,6 +165,7 @@ def find_runs(root: str | Path, participants: Iterable[str] | None = None,
                              f"(the dataset has {len(have)}: {', '.join(sorted(have)[:10])}{'...' if len(have) > 10 else ''})")
         subjects = [p for p in subjects if p.name[4:] in wanted]
     want_tasks = _labels(tasks, "task")
+    want_ses = _labels(sessions, "ses")
     runs: list[Run] = []
     for sub in subjects:
         func_dirs = [sub / "func"] + sorted(s / "func" for s in sub.glob("ses-*") if s.is_dir())
@@ -192,11 +193,13 @@ def find_runs(root: str | Path, participants: Iterable[str] | None = None,
                 found += 1
                 if want_tasks is not None and e.get("task") not in want_tasks:
                     continue
+                if want_ses is not None and e.get("ses") not in want_ses:
+                    continue
                 runs.append(Run(f, rel, ents))
         if not found:
             notes.append(f"{sub.name}: no *_bold.nii[.gz] in func/; skipped")
     if not runs:
-        what = f" for task(s) {', '.join(sorted(want_tasks))}" if want_tasks else ""
+        what = "".join(f" for {k}(s) {', '.join(sorted(v))}" for k, v in (("session", want_ses), ("task", want_tasks)) if v)
         raise InputError(f"{root}: no BOLD runs found{what} (looked for sub-*/[ses-*/]func/*_bold.nii[.gz])")
     return Discovery(root, runs, notes, desc)
 

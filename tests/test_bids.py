@@ -67,6 +67,10 @@ def test_find_runs_layout_and_notes(dataset):
 def test_filters_accept_both_spellings(dataset):
     found = bids.find_runs(dataset, participants=["sub-02"], tasks=["rest"])
     assert [r.subject for r in found.runs] == ["02", "02"]
+    found = bids.find_runs(dataset, sessions=["ses-2"])
+    assert [r.rel for r in found.runs] == ["sub-02/ses-2/func/sub-02_ses-2_task-rest_echo-1_bold.nii.gz"]
+    with pytest.raises(InputError, match="no BOLD runs found for session\\(s\\) 3"):
+        bids.find_runs(dataset, sessions=["3"])
     found = bids.find_runs(dataset, participants=["01", "02"], tasks=["task-motor"])
     assert [r.rel for r in found.runs] == ["sub-01/func/sub-01_task-motor_run-2_bold.nii"]
 

@@ -46,6 +46,8 @@ def get_parser() -> Parser:
                    help="Derivatives folder. Default: BIDS_DIR/derivatives/sct_deepseg_epi.")
     o.add_argument("-participant-label", metavar="<label>", nargs="+", default=None,
                    help="Only these participants (01 or sub-01; several allowed).")
+    o.add_argument("-session-label", metavar="<label>", nargs="+", default=None,
+                   help="Only runs of these sessions (01 or ses-01; several allowed).")
     o.add_argument("-task-label", metavar="<label>", nargs="+", default=None,
                    help="Only runs of these tasks (rest or task-rest; several allowed).")
     o.add_argument("-jobs", metavar="<int>", type=_positive_or_all, default=1,
@@ -115,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = _Progress(args.v)
     try:
         result = batch.run_batch(args.bids_dir, args.o, model=args.model, options=options,
-                                 participants=args.participant_label, tasks=args.task_label, jobs=jobs,
+                                 participants=args.participant_label, tasks=args.task_label,
+                                 sessions=args.session_label, jobs=jobs,
                                  threads=args.threads, soft=args.soft, disagreement=args.disagreement,
                                  overwrite=args.overwrite, scheduler=args.scheduler, progress=progress)
     except ImportError as exc:  # the dask extra is missing

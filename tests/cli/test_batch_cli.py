@@ -146,3 +146,26 @@ def test_batch_cli_local_dask_cluster(tiny_model, tmp_path):
     ds = make_dataset(tmp_path / "ds", runs=RUNS[:2])
     assert main(["batch", str(ds), "-model", "tiny", "-scheduler", "local", "-jobs", "1", "-threads", "1"]) == 0
     assert [r["status"] for r in rows(ds / "derivatives" / "sct_deepseg_epi").values()] == ["done", "done"]
+
+
+@pytest.mark.skipif(not Path("/bin/bash").exists(), reason="needs bash")
+def test_sct_run_batch_script_parallel_jobs(tiny_model, tmp_path):
+    """docs/sct_run_batch_deepseg_epi.sh as sct_run_batch calls it: one process per subject, at once."""
+    script = Path(__file__).resolve().parents[2] / "docs" / "sct_run_batch_deepseg_epi.sh"
+    runs = RUNS + ("sub-03/ses-01/func/sub-03_ses-01_task-rest_bold.nii.gz",
+                   "sub-03/ses-02/func/sub-03_ses-02_task-rest_bold.nii.gz")
+    ds = make_dataset(tmp_path / "ds", runs=runs)
+    (ds / "sub-04" / "anat").mkdir(parents=True)
+    processed = tmp_path / "out" / "data_processed"
+    processed.mkdir(parents=True)
+    env = {**os.environ, "PATH_DATA": str(ds), "PATH_DATA_PROCESSED": str(processed), "OMP_NUM_THREADS": "1",
+           "SCT_DEEPSEG_EPI": f"{sys.executable} -m sct_deepseg_epi", "SCT_DEEPSEG_EPI_MODEL": "tiny"}
+    subjects = ["sub-01", "sub-02", "sub-03/ses-01", "sub-03/ses-02", "sub-04"]
+    procs = [subprocess.Popen(["/bin/bash", str(script), s], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for s in subjects]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 5, outs
+    assert "sub-04: no func/*_bold.nii[.gz]; nothing to segment" in outs[4]
+    assert "-session-label ses-01" in outs[2]
+    table = rows(processed / "derivatives" / "sct_deepseg_epi")
+    assert sorted(table) == sorted(runs) and {r["status"] for r in table.values()} == {"done"}
