@@ -175,14 +175,17 @@ def mask_stats(path: Path) -> tuple[float, int, int]:
     import numpy as np
 
     img = nib.load(str(path))
-    data = np.asarray(img.dataobj) > 0
     codes = nib.aff2axcodes(img.affine)
     si = next((i for i, c in enumerate(codes) if c in "SI"), 2)
     vox = float(np.prod(img.header.get_zooms()[:3]))
-    n_frames = data.shape[3] if data.ndim == 4 else 1
-    volume = float(data.sum()) * vox / n_frames
-    other = tuple(i for i in range(data.ndim) if i != si)
-    return round(volume, 2), int(np.count_nonzero(data.any(axis=other))), int(data.shape[si])
+    n_frames = img.shape[3] if len(img.shape) == 4 else 1
+    other = tuple(i for i in range(3) if i != si)
+    count, with_cord = 0, np.zeros(img.shape[si], bool)
+    for t in range(n_frames):  # one volume at a time: a long 4D mask never sits in memory whole
+        frame = np.asarray(img.dataobj[..., t] if n_frames > 1 else img.dataobj) > 0
+        count += int(np.count_nonzero(frame))
+        with_cord |= frame.any(axis=other)
+    return round(count * vox / n_frames, 2), int(with_cord.sum()), int(img.shape[si])
 
 
 def _clean(text: str) -> str:

@@ -302,3 +302,17 @@ def test_a_worker_that_dies_is_replaced_and_its_run_recorded(tiny_model, tmp_pat
     res = result[0]
     assert [r.status for r in res.records] == ["failed", "done"]
     assert "worker process died twice" in res.records[0].error
+
+
+def test_mask_stats_finds_the_axial_axis(tmp_path):
+    # stored S-I along the first array axis: 3 slices, cord in slices 0 and 2 only; 2 x 1 x 1 mm voxels
+    data = np.zeros((3, 4, 5), np.uint8)
+    data[0, 1, 1] = data[2, 1:3, 1] = 1
+    affine = np.array([[0, 2.0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    p = tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(p))
+    assert batch.mask_stats(p) == (3 * 2.0, 2, 3)
+    # 4D: the volume is the mean over frames, a slice counts if any frame has cord there
+    four = np.stack([data, np.zeros_like(data)], axis=-1)
+    nib.save(nib.Nifti1Image(four, affine), str(p))
+    assert batch.mask_stats(p) == (3.0, 2, 3)
