@@ -105,11 +105,10 @@ class BatchResult:
 # --- worker side -----------------------------------------------------------------------------
 
 def cpu_count() -> int:
-    """CPUs this process may use (affinity/cgroup aware on Linux)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """CPUs this process may use (affinity/cgroup aware on Linux): the engine's default thread count."""
+    from .infer import default_threads
+
+    return default_threads()
 
 
 def plan_threads(jobs: int, threads: int | None = None, cores: int | None = None) -> tuple[int, str | None]:
@@ -233,7 +232,7 @@ def _process(job: Job, rec: Record) -> None:
 
 def _segment_locked(job: Job, rec: Record) -> None:
     from . import api
-    from .write import file_sha256, save_json
+    from .write import file_sha256, save_json, sidecar_path
 
     out = job.outputs
     try:
@@ -264,10 +263,10 @@ def _segment_locked(job: Job, rec: Record) -> None:
             target: Path = getattr(out, name)
             if name in res.extra:
                 os.replace(res.extra[name], target)
-                save_json(_extra_sidecar(name, job.run), bids.sidecar_of(target))
+                save_json(_extra_sidecar(name, job.run), sidecar_path(target))
             else:  # a map from an earlier run with other settings would no longer match the mask
                 target.unlink(missing_ok=True)
-                bids.sidecar_of(target).unlink(missing_ok=True)
+                sidecar_path(target).unlink(missing_ok=True)
         os.replace(res.mask, out.mask)
         prov = dict(res.provenance)
         prov["outputs"] = {"mask": out.mask.name, **{k: getattr(out, k).name for k in res.extra}}

@@ -14,7 +14,6 @@ Derivative names keep every source entity and add ``desc-spinalcord``::
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from typing import Any, Iterable
 
 from .errors import InputError
 
-log = logging.getLogger(__name__)
 
 PIPELINE = "sct_deepseg_epi"
 DESC = "spinalcord"
@@ -215,15 +213,6 @@ def outputs_for(run: Run, deriv: str | Path) -> Outputs:
     return Outputs(folder=folder, mask=Path(f"{base}_mask.nii.gz"), sidecar=Path(f"{base}_mask.json"),
                    soft=Path(f"{base}_probseg.nii.gz"), disagreement=Path(f"{base}_disagreement.nii.gz"),
                    lock=folder / f".{run.stem}_desc-{DESC}.lock")
-
-
-def sidecar_of(image: str | Path) -> Path:
-    """``x_mask.nii.gz`` -> ``x_mask.json``."""
-    s = str(image)
-    for ext in _BOLD_EXTS:
-        if s.endswith(ext):
-            return Path(s[: -len(ext)] + ".json")
-    return Path(s + ".json")
 
 
 def bids_uri(run: Run) -> str:

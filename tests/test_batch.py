@@ -15,6 +15,7 @@ from conftest import blob_image
 
 from sct_deepseg_epi import batch, bids
 from sct_deepseg_epi.errors import InputError
+from sct_deepseg_epi.write import sidecar_path
 
 # the tiny model marks every voxel of the disc: radius 4 -> 49 voxels per slice, 6 slices of 1x1x4 mm
 DISC_MM3 = 49 * 6 * 4.0
@@ -23,6 +24,7 @@ DISC_MM3 = 49 * 6 * 4.0
 def make_dataset(root: Path, runs=("sub-01/func/sub-01_task-rest_bold.nii.gz",
                                    "sub-02/ses-1/func/sub-02_ses-1_task-rest_bold.nii.gz"),
                  n_volumes: int | None = 3, description: bool = True) -> Path:
+    """A BIDS dataset of blob images (one per run, seeded by position) that the tiny model segments."""
     for i, rel in enumerate(runs):
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ def test_batch_writes_bids_derivatives(tiny_model, tmp_path):
     assert side["model"]["name"] == "tiny" and side["threshold"] == 0.5
     assert side["outputs"] == {"mask": out.mask.name, "soft": out.soft.name}
     assert side["Batch"]["cord_volume_mm3"] == DISC_MM3 and side["Batch"]["slices_with_cord"] == 6
-    assert out.soft.is_file() and json.loads(bids.sidecar_of(out.soft).read_text())["Sources"] == side["Sources"]
+    assert out.soft.is_file() and json.loads(sidecar_path(out.soft).read_text())["Sources"] == side["Sources"]
     assert not out.disagreement.exists()
     # nothing half-written is left behind
     assert not [p for p in deriv.rglob("*") if ".part" in p.name or p.name.endswith(".work")]
@@ -106,7 +108,7 @@ def test_resume_skips_up_to_date_runs_and_redoes_changed_ones(tiny_model, tmp_pa
     assert out0.disagreement.is_file()
     res = batch.run_batch(ds, deriv, model="tiny", options={"threshold": 0.4})
     assert [r.status for r in res.records] == ["done", "done"] and not out0.disagreement.exists()
-    assert not bids.sidecar_of(out0.disagreement).exists()
+    assert not sidecar_path(out0.disagreement).exists()
     # -overwrite forces
     res = batch.run_batch(ds, deriv, model="tiny", options={"threshold": 0.4}, overwrite=True)
     assert [r.status for r in res.records] == ["done", "done"]

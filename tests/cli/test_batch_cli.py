@@ -1,7 +1,6 @@
 """``sct_deepseg_epi batch``: in-process through main(argv), plus two real concurrent processes."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from conftest import blob_image
+from test_batch import make_dataset as make_bids
+from test_batch import summary_rows as rows
 
 from sct_deepseg_epi.cli import main
 
@@ -19,18 +19,7 @@ RUNS = ("sub-01/func/sub-01_task-rest_bold.nii.gz", "sub-02/func/sub-02_task-res
 
 
 def make_dataset(root: Path, runs=RUNS, description: bool = True) -> Path:
-    for i, rel in enumerate(runs):
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(blob_image(n_volumes=2, seed=i)[0], str(p))
-    if description:
-        (root / "dataset_description.json").write_text(json.dumps({"Name": "Demo", "BIDSVersion": "1.9.0"}))
-    return root
-
-
-def rows(deriv: Path) -> dict[str, dict[str, str]]:
-    with open(deriv / "summary.tsv", newline="") as f:
-        return {r["run"]: r for r in csv.DictReader(f, delimiter="\t")}
+    return make_bids(root, runs, n_volumes=2, description=description)
 
 
 def test_batch_cli_success_then_resume(tiny_model, tmp_path, capsys):
