@@ -318,3 +318,14 @@ def test_mask_stats_finds_the_axial_axis(tmp_path):
     four = np.stack([data, np.zeros_like(data)], axis=-1)
     nib.save(nib.Nifti1Image(four, affine), str(p))
     assert batch.mask_stats(p) == (3.0, 2, 3)
+
+
+def test_importing_the_batch_module_stays_light():
+    """Workers set their thread counts after importing this module: numpy and ONNX Runtime must not load with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sct_deepseg_epi.batch, sct_deepseg_epi.cli.batch; "
+            "print(sorted(m for m in ('numpy', 'onnxruntime', 'nibabel', 'distributed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
