@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     print(f"\nruns/min: runs / end-to-end wall time (discovery, model check, start-up of processes or cluster,"
           " segmentation, sidecars, summary). 1st run s: when the first run finished (start-up + one run)."
           " steady: the rate after that. 400 runs: 1st run + 399 at the steady rate, on this machine."
-          " Fastest of {args.repeat} repeat(s). On a shared machine the load average says how far to trust the figures:"
+          f" Fastest of {args.repeat} repeat(s). On a shared machine the load average says how far to trust the figures:"
           f" {os.getloadavg()[0]:.1f} at the end.")
     return 0
 
