@@ -56,14 +56,15 @@ def pick_model(requested: str | None, cache: Path) -> tuple[str, str]:
     from sct_deepseg_epi import api
     from sct_deepseg_epi.errors import ModelError
 
-    if requested:
+    if requested and requested != "standin":
         spec = api.load_model(requested)
         return requested, f"{spec.ref} (as requested)"
-    try:
-        spec = api.load_model("seg_sc_epi", install=False)
-        return spec.ref, f"{spec.ref}: the trained default model"
-    except ModelError:
-        pass
+    if requested != "standin":
+        try:
+            spec = api.load_model("seg_sc_epi", install=False)
+            return spec.ref, f"{spec.ref}: the trained default model"
+        except ModelError:
+            pass
     os.environ["SCT_DEEPSEG_EPI_MODELS"] = str(cache)
     try:
         import torch  # noqa: F401
@@ -87,7 +88,7 @@ def pick_model(requested: str | None, cache: Path) -> tuple[str, str]:
     write_model(members, cache / "standin" / "0.0.0", spec, name="standin", version="0.0.0",
                 description="random-weight stand-in for seg_sc_epi (benchmark only)", training=cfg.as_dict(),
                 metrics={}, provenance={"note": "random weights"})
-    return "standin", (f"stand-in for seg_sc_epi (not installed yet): 3 random-weight members of the training "
+    return "standin", (f"stand-in for seg_sc_epi: 3 random-weight members of the training "
                        f"recipe's UNet {list(cfg.net.widths)}, {count_parameters(members[0]):,} parameters, "
                        f"{macs_per_pixel(cfg.net):,.0f} MAC/pixel, same input contract and flip TTA")
 
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("-runs", type=int, default=40, help="runs in the synthetic dataset (default 40)")
     p.add_argument("-shape", default="64x64x12", help="matrix of each run (default 64x64x12)")
     p.add_argument("-volumes", type=int, default=8, help="volumes per run (default 8)")
-    p.add_argument("-model", default=None, help="model reference (default: seg_sc_epi, else a stand-in)")
+    p.add_argument("-model", default=None,
+                   help="model reference (default: seg_sc_epi, else a stand-in; 'standin' forces the stand-in)")
     p.add_argument("-repeat", type=int, default=1, help="time each configuration this many times, keep the fastest")
     p.add_argument("-no-dask", action="store_true", help="skip the Dask local cluster")
     p.add_argument("-quick", action="store_true", help="8 runs: a smoke test, not a measurement")
