@@ -42,6 +42,8 @@ def get_parser() -> Parser:
     o.add_argument("-members", type=int, default=3, help="Ensemble members (k-fold over subjects). Default: 3.")
     o.add_argument("-epochs", type=int, default=None, help="Epochs per member. Default: 8 (4 when fine-tuning).")
     o.add_argument("-n-sim", type=int, default=None, help="Simulated stacks in the training set. Default: 5000.")
+    o.add_argument("-n-val", type=int, default=None,
+                   help="Simulated stacks per member for the held-out simulated score. Default: 240.")
     o.add_argument("-patch", type=int, default=None, help="Training patch size (pixels on the model grid). Default: 96.")
     o.add_argument("-widths", default=None, help="U-Net widths per level, comma-separated. Default: 8,16,24,32.")
     o.add_argument("-context", type=int, default=None, help="Neighbouring slices per side as channels. Default: 0 (2D).")
@@ -123,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_model:
         folder = _resolve_init(args.init_model)
         ispec = load_manifest(folder)
-        tr = dict(ispec.extra.get("training", {}).get("config", {}))
-        net = NetConfig(**{**tr.get("net", {}), "widths": tuple(tr.get("net", {}).get("widths", NetConfig().widths))},
-                        in_channels=ispec.in_channels) if tr.get("net") else NetConfig(in_channels=ispec.in_channels)
+        tr_net = dict(ispec.extra.get("training", {}).get("config", {}).get("net", {}))
+        tr_net.update(in_channels=ispec.in_channels, widths=tuple(tr_net.get("widths", NetConfig().widths)))
+        net = NetConfig(**tr_net)
         init_states = [onnx_to_torch(p, net).state_dict() for p in ispec.member_paths()]
         cfg = replace(cfg, net=net, spacing_mm=ispec.spacing_mm[0], context_slices=ispec.context_slices,
                       epochs=4, lr=5e-4, freeze_bn=True, n_volumes=1000)
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.context is not None:
         cfg = replace(cfg, context_slices=args.context)
     cfg = replace(cfg, net=replace(cfg.net, in_channels=2 * cfg.context_slices + 1))
-    for flag, key in (("epochs", "epochs"), ("n_sim", "n_volumes"), ("patch", "patch"), ("lr", "lr")):
+    for flag, key in (("epochs", "epochs"), ("n_sim", "n_volumes"), ("n_val", "val_volumes"), ("patch", "patch"), ("lr", "lr")):
         if getattr(args, flag) is not None:
             cfg = replace(cfg, **{key: getattr(args, flag)})
     if cfg.patch % (2 ** cfg.net.levels):

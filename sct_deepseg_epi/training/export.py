@@ -23,6 +23,7 @@ torch = require("torch")
 log = logging.getLogger(__name__)
 OPSET = 17
 PARITY_TOL = 1e-4
+IR_VERSION = 8  # the lowest IR that carries opset 17
 
 
 def export_onnx(model, path: Path, in_channels: int, multiple: int) -> None:
@@ -37,7 +38,11 @@ def export_onnx(model, path: Path, in_channels: int, multiple: int) -> None:
                           opset_version=OPSET, dynamo=False, do_constant_folding=True,
                           dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}})
     onnx = require("onnx")
-    onnx.checker.check_model(onnx.load(str(path)))
+    proto = onnx.load(str(path))
+    proto.ir_version = IR_VERSION  # readable by onnxruntime >= 1.16 (SCT's environment pins an older one)
+    proto.producer_name = "sct_deepseg_epi.training"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
 
 
 def parity(model, path: Path, in_channels: int, multiple: int, seed: int = 0) -> float:

@@ -163,19 +163,22 @@ def place_fov(cord_mm: float, extent_mm: float, fov: float, rng: np.random.Gener
               edge: int | None, cfg: SimConfig) -> tuple[float, float]:
     """Along one axis: FOV length and where the cord centre sits inside it (mm from its low edge).
 
-    ``edge`` is -1 / +1 to put the cord near the low / high edge, None for anywhere.
-    The FOV is shortened where it would stick out of the source volume on the far side.
+    ``edge`` is -1 / +1 to put the cord near the low / high edge, None for anywhere. The
+    FOV never sticks out of the source volume: it is shortened on the far side instead
+    (near an edge, the cord's distance to that edge is what matters).
     """
     fov = min(fov, extent_mm)
+    room_lo, room_hi = cord_mm, extent_mm - cord_mm  # source extent below / above the cord
     if edge is None:
         pos = float(rng.uniform(0.2, 0.8)) * fov
+        pos = max(min(pos, room_lo), fov - room_hi)
+    elif edge < 0:
+        pos = min(_u(rng, cfg.edge_mm), room_lo)
+        fov = min(fov, pos + room_hi)
     else:
-        d = _u(rng, cfg.edge_mm)
-        pos = d if edge < 0 else fov - d
-    # keep the FOV inside the source: low edge at cord - pos >= 0, high edge at cord - pos + fov <= extent
-    pos = min(pos, cord_mm)
-    fov = min(fov, pos + (extent_mm - cord_mm))
-    pos = max(pos, fov - (extent_mm - cord_mm))
+        d = min(_u(rng, cfg.edge_mm), room_hi)
+        pos = min(fov - d, room_lo)
+        fov = pos + d
     return max(fov, 4.0), float(np.clip(pos, 0.0, fov))
 
 

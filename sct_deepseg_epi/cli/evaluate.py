@@ -1,0 +1,157 @@
+"""``sct_deepseg_epi evaluate -pred P -ref R``: compare predicted masks with reference masks.
+
+P and R are two NIfTI files, or two folders (files matched by name: ``X_seg.nii.gz`` in P
+goes with ``X_seg.nii.gz``, ``X_seg-manual.nii.gz`` or ``X.nii.gz`` style names in R that
+share the stem before ``_seg``/``_mask``). Each pair must share its voxel grid. Metrics are
+computed per volume and per axial slice (images are put in RAS first, so slices are
+axial whatever the file's axis order); see :mod:`sct_deepseg_epi.metrics` for the
+definitions and the empty-mask conventions.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from ._parser import Parser, setup_logging
+
+_SUFFIX_RE = re.compile(r"_(seg|mask|pred|label)([-_][A-Za-z0-9]+)*$", re.IGNORECASE)
+
+
+def get_parser() -> Parser:
+    p = Parser("sct_deepseg_epi evaluate", __doc__.split("\n\n")[0].split(": ", 1)[1] + "\n\n"
+               + __doc__.split("\n\n")[1])
+    p.mandatory.add_argument("-pred", metavar="<file|folder>", required=True, help="Predicted mask(s).")
+    p.mandatory.add_argument("-ref", metavar="<file|folder>", required=True, help="Reference mask(s).")
+    p.optional.add_argument("-o", metavar="<file>", default=None,
+                            help="Write the metrics: .tsv (one row per volume and per slice) or .json.")
+    p.optional.add_argument("-per-slice", metavar="<0|1>", type=int, choices=(0, 1), default=1,
+                            help="Also print the per-slice rows (default 1).")
+    return p
+
+
+def _stem(path: Path) -> str:
+    from ..read import strip_nifti_suffix
+
+    return Path(strip_nifti_suffix(path)).name
+
+
+def _key(path: Path) -> str:
+    return _SUFFIX_RE.sub("", _stem(path))
+
+
+def match_pairs(pred: Path, ref: Path) -> list[tuple[Path, Path]]:
+    """(pred, ref) file pairs from two files or two folders."""
+    from ..errors import InputError
+    from ..read import has_nifti_suffix
+
+    for p in (pred, ref):
+        if not p.exists():
+            raise InputError(f"{p}: no such file or folder")
+    if pred.is_file() and ref.is_file():
+        return [(pred, ref)]
+    if pred.is_dir() != ref.is_dir():
+        raise InputError(f"-pred {pred} and -ref {ref} must both be files or both be folders")
+    preds = sorted(f for f in pred.rglob("*") if f.is_file() and has_nifti_suffix(f))
+    refs = sorted(f for f in ref.rglob("*") if f.is_file() and has_nifti_suffix(f))
+    by_stem = {_stem(r): r for r in refs}
+    by_key: dict[str, list[Path]] = {}
+    for r in refs:
+        by_key.setdefault(_key(r), []).append(r)
+    pairs = []
+    for f in preds:
+        r = by_stem.get(_stem(f))
+        if r is None and len(by_key.get(_key(f), [])) == 1:
+            r = by_key[_key(f)][0]
+        if r is not None:
+            pairs.append((f, r))
+    if not pairs:
+        raise InputError(f"no prediction in {pred} matches a reference in {ref} by name")
+    return pairs
+
+
+def _load(path: Path):
+    import nibabel as nib
+    import numpy as np
+
+    from ..read import load_nifti
+
+    img = nib.as_closest_canonical(load_nifti(path))
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.asanyarray(img.dataobj), zooms, img.shape
+
+
+def evaluate_pair(pred: Path, ref: Path) -> tuple[dict, list[dict]]:
+    """Volume row and slice rows for one pair (4D: every frame against a 3D or 4D reference)."""
+    import numpy as np
+
+    from .. import metrics
+    from ..errors import InputError
+
+    p, zp, sp = _load(pred)
+    r, zr, sr = _load(ref)
+    if sp[:3] != sr[:3] or not np.allclose(zp, zr, atol=1e-3):
+        raise InputError(f"{pred}: grid {sp[:3]} @ {zp} differs from the reference {ref}: {sr[:3]} @ {zr}")
+    p = p > 0.5
+    r = r > 0.5
+    frames = range(p.shape[3]) if p.ndim == 4 else [None]
+    vol_rows, slice_rows = [], []
+    for t in frames:
+        pt = p[..., t] if t is not None else p
+        rt = r[..., t] if (t is not None and r.ndim == 4) else r
+        name = str(pred) if t is None else f"{pred}[t={t}]"
+        row = {"pred": name, "ref": str(ref), "slice": "all", **metrics.volume_metrics(pt, rt, zp)}
+        vol_rows.append(row)
+        slice_rows += [{"pred": name, "ref": str(ref), **s} for s in metrics.slice_metrics(pt, rt, zp)]
+    return vol_rows, slice_rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    setup_logging(args.v)
+    from ..errors import InputError
+
+    pairs = match_pairs(Path(args.pred), Path(args.ref))
+    volumes, slices = [], []
+    for pred, ref in pairs:
+        v, s = evaluate_pair(pred, ref)
+        volumes += v
+        slices += s
+    cols = ["dice", "hd95_mm", "msd_mm", "rvd", "detection_rate"]
+    out = sys.stdout
+    out.write("pred\t" + "\t".join(cols) + "\n")
+    for row in volumes:
+        out.write(f"{row['pred']}\t" + "\t".join(_fmt(row[c]) for c in cols) + "\n")
+        if args.per_slice:
+            for s in (s for s in slices if s["pred"] == row["pred"]):
+                out.write(f"  slice {s['slice']}\t" + "\t".join(_fmt(s.get(c, "")) for c in cols[:4])
+                          + f"\t{'detected' if s['detected'] else 'MISSED' if s['area_ref_mm2'] else 'false positive'}\n")
+    if len(volumes) > 1:
+        import numpy as np
+
+        mean = {c: float(np.nanmean([r[c] for r in volumes])) for c in cols}
+        out.write("mean\t" + "\t".join(_fmt(mean[c]) for c in cols) + "\n")
+    if args.o:
+        o = Path(args.o)
+        if o.suffix == ".json":
+            o.write_text(json.dumps({"volumes": volumes, "slices": slices}, indent=1, default=str) + "\n")
+        elif o.suffix in (".tsv", ".txt", ".csv"):
+            keys = ["pred", "ref", "slice"] + sorted({k for r in volumes + slices for k in r} - {"pred", "ref", "slice"})
+            with open(o, "w", newline="") as fh:
+                w = csv.DictWriter(fh, keys, delimiter="," if o.suffix == ".csv" else "\t", restval="")
+                w.writeheader()
+                for r in volumes + slices:
+                    w.writerow({k: _fmt(v) for k, v in r.items()})
+        else:
+            raise InputError(f"-o {o}: use a .tsv, .csv or .json name")
+        out.write(f"wrote {o}\n")
+    return 0
