@@ -148,7 +148,8 @@ def _dask_threads(plan: dict[str, int] | None = None) -> int | None:
         return None
     if plan and w.address in plan:
         return plan[w.address]
-    return max(1, cpu_count() // max(1, int(getattr(w.state, "nthreads", 1))))
+    nthreads = getattr(getattr(w, "state", w), "nthreads", 1)  # Worker.nthreads before distributed 2022.8
+    return max(1, cpu_count() // max(1, int(nthreads)))
 
 
 def thread_plan(client: Any) -> dict[str, int]:
@@ -396,6 +397,9 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     if options.get("threshold") == 0:
         raise InputError("-thr 0 (soft map as the main output) is not available in batch mode; use -soft 1")
     api._check_options(api.Options(**options))
+    use_dask = scheduler is not None or client is not None
+    if use_dask and client is None:
+        _require_distributed()  # before anything is written
     found = bids.find_runs(bids_dir, participants, tasks, sessions)
     notes = list(found.notes)
     for n in notes:
@@ -415,7 +419,6 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     with dataset_lock:
         description = _write_description(deriv, found.root, model_rec, found.description, notes)
 
-    use_dask = scheduler is not None or client is not None
     if use_dask:
         per_job = threads
     else:
@@ -452,8 +455,10 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
             finished(Record(j.run.rel, "failed", f"still locked by another process after {lock_wait:.0f} s "
                                                  f"({j.outputs.lock})"))
     finally:
-        with dataset_lock:
-            summary = write_summary([done[r.rel] for r in found.runs if r.rel in done], deriv)
+        summary = deriv / SUMMARY_NAME
+        if done:  # also after an interruption: what was finished is recorded
+            with dataset_lock:
+                write_summary([done[r.rel] for r in found.runs if r.rel in done], deriv)
     records = [done[r.rel] for r in found.runs]
     return BatchResult(records, deriv, summary, description, notes)
 

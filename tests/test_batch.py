@@ -265,6 +265,7 @@ def test_missing_dask_is_explained(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ImportError, match=r"pip install 'sct_deepseg_epi\[dask\]'"):
         batch.run_batch(ds, model="tiny", scheduler="tcp://127.0.0.1:8786")
+    assert not (ds / "derivatives").exists()  # refused before anything was written
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hang a worker")
