@@ -169,8 +169,8 @@ def _process_on_dask(job: Job, plan: dict[str, int]) -> Record:
     return process(job)
 
 
-def mask_stats(path: Path) -> tuple[float, int, int]:
-    """Cord volume (mm3, mean over volumes for 4D), axial slices with cord, and axial slice count."""
+def mask_stats(path: Path) -> tuple[float, int, int, int]:
+    """Cord volume (mm3, mean over volumes for 4D), axial slices with cord, axial slices, volumes."""
     import nibabel as nib
     import numpy as np
 
@@ -185,7 +185,7 @@ def mask_stats(path: Path) -> tuple[float, int, int]:
         frame = np.asarray(img.dataobj[..., t] if n_frames > 1 else img.dataobj) > 0
         count += int(np.count_nonzero(frame))
         with_cord |= frame.any(axis=other)
-    return round(count * vox / n_frames, 2), int(with_cord.sum()), int(img.shape[si])
+    return round(count * vox / n_frames, 2), int(with_cord.sum()), int(img.shape[si]), n_frames
 
 
 def _clean(text: str) -> str:
@@ -236,12 +236,12 @@ def _segment_locked(job: Job, rec: Record) -> None:
     from .write import file_sha256, save_json, sidecar_path
 
     out = job.outputs
-    try:
-        input_sha = file_sha256(job.run.path)
-    except OSError as exc:
-        raise InputError(f"{job.run.path}: cannot be read ({exc.strerror or exc})") from None
     extras = list(out.extras(job.soft, job.disagreement))
-    if not job.overwrite:
+    if not job.overwrite and out.sidecar.is_file():  # hash the input only when there is a result to compare
+        try:
+            input_sha = file_sha256(job.run.path)
+        except OSError as exc:
+            raise InputError(f"{job.run.path}: cannot be read ({exc.strerror or exc})") from None
         ok, why = bids.is_up_to_date(out, input_sha, job.key, extras)
         if ok:
             side = json.loads(out.sidecar.read_text(encoding="utf-8"))["Batch"]
@@ -249,15 +249,15 @@ def _segment_locked(job: Job, rec: Record) -> None:
             rec.cord_volume_mm3, rec.slices_with_cord, rec.n_slices = (
                 side.get("cord_volume_mm3"), side.get("slices_with_cord"), side.get("n_slices"))
             return
-        if why != "no sidecar":
-            rec.note = f"redone: {why}"
+        rec.note = f"redone: {why}"
     threads = job.threads or _WORKER_THREADS or _dask_threads()
     options = api.Options(**job.options, threads=threads)
     work = Path(tempfile.mkdtemp(prefix=f".{job.run.stem}.", suffix=".work", dir=out.folder))
     try:
         res = api.run(job.run.path, work / "mask.nii.gz", model=job.model, soft=job.soft,
                       disagreement=job.disagreement, options=options)
-        volume, with_cord, n_slices = mask_stats(res.mask)
+        input_sha = res.provenance["input"]["sha256"]
+        volume, with_cord, n_slices, n_frames = mask_stats(res.mask)
         # retire the old sidecar first: until the new one exists, nothing vouches for these files
         out.sidecar.unlink(missing_ok=True)
         for name in ("soft", "disagreement"):
@@ -274,7 +274,7 @@ def _segment_locked(job: Job, rec: Record) -> None:
         prov["input"] = {"path": job.run.rel, "sha256": input_sha}
         side = {
             "Description": "Spinal cord mask (1 = cord) on the grid of the source BOLD image"
-                           + (" (temporal mean)" if options.mode_4d == "mean" else " (one mask per volume)"),
+                           + (f" (one mask per volume, {n_frames})" if n_frames > 1 else ""),
             "Sources": [bids.bids_uri(job.run)],
             **prov,
             "Batch": {"input_sha256": input_sha, **job.key, "cord_volume_mm3": volume,

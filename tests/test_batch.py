@@ -278,6 +278,9 @@ def test_a_worker_that_dies_is_replaced_and_its_run_recorded(tiny_model, tmp_pat
     fifo = ds / "sub-01/func/sub-01_task-rest_bold.nii.gz"
     fifo.parent.mkdir(parents=True)
     os.mkfifo(fifo)  # reading it blocks forever: a stand-in for a worker that hangs or is killed
+    out = bids.outputs_for(bids.find_runs(ds).runs[0], bids.default_derivatives(ds))
+    out.folder.mkdir(parents=True)
+    out.sidecar.write_text("{}")  # an earlier result: the worker hashes the input to compare, and blocks
     seen: list = []
     result: list = []
     t = threading.Thread(target=lambda: result.append(batch.run_batch(
@@ -314,11 +317,11 @@ def test_mask_stats_finds_the_axial_axis(tmp_path):
     affine = np.array([[0, 2.0, 0, 0], [0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
     p = tmp_path / "m.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), str(p))
-    assert batch.mask_stats(p) == (3 * 2.0, 2, 3)
+    assert batch.mask_stats(p) == (3 * 2.0, 2, 3, 1)
     # 4D: the volume is the mean over frames, a slice counts if any frame has cord there
     four = np.stack([data, np.zeros_like(data)], axis=-1)
     nib.save(nib.Nifti1Image(four, affine), str(p))
-    assert batch.mask_stats(p) == (3.0, 2, 3)
+    assert batch.mask_stats(p) == (3.0, 2, 3, 2)
 
 
 def test_importing_the_batch_module_stays_light():
