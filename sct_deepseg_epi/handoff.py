@@ -240,10 +240,12 @@ class _Steps:
         start = time.time() - 1.0
         try:
             action()
-        except BaseException:
+        except BaseException as exc:
             for p in outputs:  # a partial output must not pass for a finished one next time
                 if p.exists() and p.stat().st_mtime >= start:
                     p.unlink()
+            if isinstance(exc, EpiSegError) and not isinstance(exc, HandoffError):
+                raise HandoffError(f"step '{name}': {exc}") from None
             raise
         missing = [p.name for p in outputs if not p.exists()]
         if missing:
@@ -309,10 +311,13 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     for w in warps:
         if not w.is_file():
             raise InputError(f"{w}: no such file")
+    if seg is not None:
+        seg = Path(seg).resolve()
+        check_same_grid(load_nifti(seg), str(seg), img, str(bold))
     options = options or api.Options()
     stem = Path(strip_nifti_suffix(bold.name)).name
     out = PipelineOutputs(
-        mean=folder / f"{stem}_mean.nii.gz", mean_seg=folder / f"{stem}_mean_seg.nii.gz",
+        mean=folder / f"{stem}_mean.nii.gz", mean_seg=seg or folder / f"{stem}_mean_seg.nii.gz",
         mask=folder / f"mask_{stem}.nii.gz", moco=folder / f"{stem}_moco.nii.gz",
         moco_mean=folder / f"{stem}_moco_mean.nii.gz", moco_params=folder / "moco_params.tsv",
         moco_mean_seg=folder / f"{stem}_moco_mean_seg.nii.gz",
@@ -324,39 +329,26 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     qc_args += (["-qc-dataset", qc_dataset] if qc and qc_dataset else []) + (["-qc-subject", qc_subject] if qc and qc_subject else [])
     steps.note(f"fmri-pipeline: {bold} -> {folder}")
 
-    def segment(src: Path, dst: Path, name: str) -> Callable[[], None]:
+    def segment(src: Path, dst: Path) -> Callable[[], None]:
         def action():
             steps.note(f"$ sct_deepseg_epi -i {src} -o {dst} -model {model}")
-            api.run(src, dst, model=model, options=options)
-            if not np.any(np.asarray(nib.load(str(dst)).dataobj)):
-                dst.unlink()
-                raise HandoffError(f"step '{name}': no spinal cord found in {src.name}; check the image "
-                                   f"(or give a corrected mask with -s) before motion correction")
+            if api.run(src, dst, model=model, options=options).provenance["cord_voxels"] == 0:
+                raise InputError(f"no spinal cord found in {src.name}; check the image (or give a corrected "
+                                 "mask of the temporal mean with -s)")
         return action
 
     steps.step("temporal mean", [bold], [out.mean],
                lambda: steps.sct("temporal mean", ["sct_maths", "-i", str(bold), "-mean", "t", "-o", str(out.mean)]))
-    if seg is not None:
-        seg = Path(seg).resolve()
-        check_same_grid(load_nifti(seg), str(seg), img, str(bold))
-        out.mean_seg = seg
-    else:
-        steps.step("segmentation", [out.mean], [out.mean_seg], segment(out.mean, out.mean_seg, "segmentation"))
-
-    def make_mask():
-        try:
-            moco_mask(bold, out.mean_seg, out.mask, diameter_mm)
-        except InputError as exc:
-            raise HandoffError(f"step 'moco mask': {exc}") from None
-
-    steps.step("moco mask", [bold, out.mean_seg], [out.mask], make_mask)
+    if seg is None:
+        steps.step("segmentation", [out.mean], [out.mean_seg], segment(out.mean, out.mean_seg))
+    steps.step("moco mask", [bold, out.mean_seg], [out.mask], lambda: moco_mask(bold, out.mean_seg, out.mask, diameter_mm))
     moco_outputs = [out.moco, out.moco_mean, out.moco_params]
     moco_qc = qc_args + (["-qc-seg", str(out.mean_seg)] if qc else [])
     steps.step("motion correction", [bold, out.mask], moco_outputs,
                lambda: steps.sct("motion correction", ["sct_fmri_moco", "-i", str(bold), "-m", str(out.mask),
                                                        "-ofolder", str(folder)] + moco_qc))
     steps.step("segmentation of the moco mean", [out.moco_mean], [out.moco_mean_seg],
-               segment(out.moco_mean, out.moco_mean_seg, "segmentation of the moco mean"))
+               segment(out.moco_mean, out.moco_mean_seg))
     reg_cmd = ["sct_register_multimodal", "-i", str(tpl["t2s"]), "-iseg", str(tpl["cord"]), "-d", str(out.moco_mean),
                "-dseg", str(out.moco_mean_seg), "-param", param, "-o", str(out.template_reg),
                "-owarp", str(out.warp_template2fmri), "-owarpinv", str(out.warp_fmri2template), "-ofolder", str(folder)]

@@ -57,8 +57,9 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
     o.add_argument("-threads", metavar="<int>", type=int, default=None,
                    help="CPU threads for inference (default: all CPUs available to this process).")
     o.add_argument("-qc", metavar="<folder>",
-                   help="Write a QC report into this folder (inside SCT: SCT's QC report; else an HTML page per "
-                        "dataset). Also writes IN_seg_disagreement.nii.gz, which the report shows.")
+                   help="Write a QC report into this folder: inside SCT, an entry of SCT's QC report; else an HTML "
+                        "page per dataset, which shows the ensemble disagreement (IN_seg_disagreement.nii.gz is then "
+                        "written too).")
     o.add_argument("-qc-dataset", metavar="<str>", help="Dataset name shown in the QC report.")
     o.add_argument("-qc-subject", metavar="<str>", help="Subject name shown in the QC report.")
     m = p.misc
@@ -111,15 +112,18 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
     options = api.Options(threshold=args.thr, largest=args.largest, fill_holes=args.fill_holes,
                           remove_small=args.remove_small, mode_4d=args.mode_4d, device=args.device,
                           threads=args.threads, tta=args.tta)
-    result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=args.disagreement or bool(args.qc),
-                     options=options)
-    log.info("wrote %s (%d cord voxels, %.2f s)", result.mask, result.provenance["cord_voxels"],
-             result.provenance["timings_s"]["total"])
+    backend = None
     if args.qc:
         from .. import qc
 
+        backend = "sct" if qc.sct_available() else "html"
+    result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=args.disagreement or backend == "html",
+                     options=options)
+    log.info("wrote %s (%d cord voxels, %.2f s)", result.mask, result.provenance["cord_voxels"],
+             result.provenance["timings_s"]["total"])
+    if backend:
         report = qc.report(args.i, result.mask, args.qc, disagreement=result.extra.get("disagreement"),
-                           dataset=args.qc_dataset, subject=args.qc_subject,
+                           dataset=args.qc_dataset, subject=args.qc_subject, backend=backend,
                            command=[parser.prog] + list(sys.argv[1:] if argv is None else argv))
         log.info("QC report: %s", report)
     return 0
