@@ -404,9 +404,10 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     notes = list(found.notes)
     for n in notes:
         log.warning(n)
-    deriv = prepare_derivatives(Path(derivatives) if derivatives else bids.default_derivatives(found.root))
+    deriv = Path(derivatives).expanduser().resolve() if derivatives else bids.default_derivatives(found.root)
     if deriv == found.root or (found.root in deriv.parents and deriv.relative_to(found.root).parts[0].startswith("sub-")):
         raise InputError(f"{deriv}: the derivatives folder must not be the dataset itself or one of its subjects")
+    deriv = prepare_derivatives(deriv)
     spec = api.load_model(model)  # installs once here (under the lock) before any worker looks
     model_rec = bids.model_record(spec.name, spec.version, [(m.file, m.sha256) for m in spec.members])
     is_folder = isinstance(model, Path) or "/" in str(model) or str(model).startswith(".")
@@ -439,12 +440,7 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
             progress(rec, len(done), total)
 
     try:
-        if use_dask:
-            executor = _dask_executor(scheduler, client, jobs)
-        elif jobs == 1:
-            executor = _serial_executor(per_job)
-        else:
-            executor = _pool_executor(jobs, per_job)
+        executor = _Dask(scheduler, client, jobs) if use_dask else _Serial() if jobs == 1 else _Pool(jobs, per_job)
         with executor:
             # pass 1 skips runs that another batch holds; pass 2 waits for them (usually to find them done)
             busy = executor.run_all(todo, finished)
@@ -465,8 +461,7 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
 
 # Executors: context managers with run_all(jobs, finished) -> the jobs another batch holds.
 class _Serial:
-    def __init__(self, threads: int):
-        self.threads = threads
+    """Runs in this process, one after another (``-jobs 1``)."""
 
     def __enter__(self):
         return self
@@ -477,16 +472,12 @@ class _Serial:
     def run_all(self, jobs: list[Job], finished: Callable[[Record], None]) -> list[Job]:
         busy = []
         for j in jobs:
-            rec = process(j if j.threads else _replace(j, threads=self.threads))
+            rec = process(j)
             if rec.status == "busy":
                 busy.append(j)
             else:
                 finished(rec)
         return busy
-
-
-def _serial_executor(threads: int) -> _Serial:
-    return _Serial(threads)
 
 
 class _Pool:
@@ -561,9 +552,6 @@ class _Pool:
         return False
 
 
-def _pool_executor(jobs: int, threads: int) -> _Pool:
-    return _Pool(jobs, threads)
-
 
 class _Dask:
     def __init__(self, scheduler: str | None, client: Any, jobs: int):
@@ -619,8 +607,3 @@ def _require_distributed():
     from ._optional import require
 
     return require("distributed")
-
-
-def _dask_executor(scheduler: str | None, client: Any, jobs: int) -> _Dask:
-    return _Dask(scheduler, client, jobs)
-

@@ -191,6 +191,7 @@ def test_refuses_derivatives_inside_a_subject(tiny_model, tmp_path):
     ds = make_dataset(tmp_path / "ds", runs=("sub-01/func/sub-01_task-rest_bold.nii.gz",))
     with pytest.raises(InputError, match="must not be the dataset itself"):
         batch.run_batch(ds, ds / "sub-01" / "out", model="tiny")
+    assert not (ds / "sub-01" / "out").exists()
     with pytest.raises(InputError, match="-thr 0"):
         batch.run_batch(ds, model="tiny", options={"threshold": 0})
 
