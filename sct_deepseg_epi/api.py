@@ -74,6 +74,10 @@ def _install_or_explain(spec: ModelSpec) -> ModelSpec:
 
 def get_ensemble(spec: ModelSpec, device: str = "auto", threads: int | None = None, tta: bool = True) -> Ensemble:
     key = (spec.ref, str(spec.directory), device, threads, tta)
+    if key not in _ENSEMBLES and spec.nnunet is not None:  # an imported nnU-Net model: its own recipe
+        from .nnunet_pipeline import NnunetRunner
+
+        _ENSEMBLES[key] = NnunetRunner(spec, device=device, threads=threads, tta=tta)  # type: ignore[assignment]
     if key not in _ENSEMBLES:
         _ENSEMBLES[key] = Ensemble(spec, device=device, threads=threads, tta=tta)
     return _ENSEMBLES[key]
@@ -164,10 +168,6 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
     """
     timings = {} if timings is None else timings
     ens = get_ensemble(spec, options.device, options.threads, options.tta)
-    if spec.nnunet is not None:
-        from .nnunet_pipeline import NnunetRunner
-
-        ens = NnunetRunner(ens, tta=options.tta)
     post = options.post(spec)
     if vol.is_4d and options.mode_4d == "each":
         mean_mask, _, _ = _segment_ras(vol.data, vol, ens, post, timings)

@@ -122,7 +122,7 @@ def plan_dataset(root: Path, *, dataset_id: int = 501, shape: Sequence[int] = (4
 
 
 def write_trained(out_root: Path, plans: dict, dataset_json: dict, *, configuration: str = "3d_fullres",
-                  folds: int = 1, features: Sequence[int] = (4, 8, 16), patch_size: Sequence[int] | None = None,
+                  folds: int = 1, features: Sequence[int] | None = (4, 8, 16), patch_size: Sequence[int] | None = None,
                   reader: str | None = None, normalisation: str | None = None, use_mask_for_norm: bool = False,
                   seed: int = 0, logit_scale: float = 1.0, train_steps: int = 0, raw: Path | None = None) -> Path:
     """A trained-model folder ``out_root/nnUNetTrainer__nnUNetPlans__<configuration>`` from planned data.
@@ -198,9 +198,13 @@ def normalisation_channel_name(scheme: str | None) -> str:
             "RescaleTo01Normalization": "rescale_to_0_1"}.get(scheme or "", "EPI")
 
 
-def _shrink(cfg: dict, features: Sequence[int], patch_size: Sequence[int] | None) -> None:
+def _shrink(cfg: dict, features: Sequence[int] | None, patch_size: Sequence[int] | None) -> None:
     """Make the planned U-Net tiny: ``len(features)`` stages of those widths, and the patch."""
     kw = cfg["architecture"]["arch_kwargs"]
+    if features is None:  # the network as planned (realistic size)
+        if patch_size is not None:
+            cfg["patch_size"] = list(patch_size)
+        return
     n = len(features)
     kw["n_stages"] = n
     kw["features_per_stage"] = list(features)
