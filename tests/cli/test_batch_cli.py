@@ -158,3 +158,16 @@ def test_sct_run_batch_script_parallel_jobs(tiny_model, tmp_path):
     assert "-session-label ses-01" in outs[2]
     table = rows(processed / "derivatives" / "sct_deepseg_epi")
     assert sorted(table) == sorted(runs) and {r["status"] for r in table.values()} == {"done"}
+
+
+def test_batch_cli_progress_bar_on_a_terminal(tiny_model, tmp_path, capsys, monkeypatch):
+    ds = make_dataset(tmp_path / "ds", runs=RUNS[:2])
+    bad = ds / "sub-03/func/sub-03_task-rest_bold.nii.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"junk")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["batch", str(ds), "-model", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "3/3" in err and ("run/s" in err or "s/run" in err)      # the tqdm bar
+    assert "FAILED sub-03/func/sub-03_task-rest_bold.nii.gz: " in err
+    assert "[1/3]" not in err                                        # no per-run log lines
