@@ -46,6 +46,7 @@ def get_parser() -> Parser:
                    help="Simulated stacks per member for the held-out simulated score. Default: 240.")
     o.add_argument("-patch", type=int, default=None, help="Training patch size (pixels on the model grid). Default: 96.")
     o.add_argument("-widths", default=None, help="U-Net widths per level, comma-separated. Default: 8,16,24,32.")
+    o.add_argument("-spacing", type=float, default=None, help="In-plane model spacing in mm. Default: 1.25.")
     o.add_argument("-context", type=int, default=None, help="Neighbouring slices per side as channels. Default: 0 (2D).")
     o.add_argument("-lr", type=float, default=None, help="Peak learning rate. Default: 3e-3 (5e-4 when fine-tuning).")
     o.add_argument("-seed", type=int, default=0, help="Random seed (simulation, weights, batch order). Default: 0.")
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("fine-tuning %s (%d members) from %s", ispec.ref, len(init_states), folder)
     if args.widths:
         cfg = replace(cfg, net=replace(cfg.net, widths=tuple(int(w) for w in args.widths.split(","))))
+    if args.spacing is not None:
+        cfg = replace(cfg, spacing_mm=args.spacing)
     if args.context is not None:
         cfg = replace(cfg, context_slices=args.context)
     cfg = replace(cfg, net=replace(cfg.net, in_channels=2 * cfg.context_slices + 1))

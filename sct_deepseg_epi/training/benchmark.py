@@ -1,6 +1,8 @@
 """Time a model folder's ensemble in onnxruntime the way the engine runs it (numpy + onnxruntime only).
 
-One "volume" is Z slices of H x W on the model grid; every member runs once on the slices
+One "volume" is Z slices of H x W at a native spacing, taken to the model grid exactly as
+:func:`~sct_deepseg_epi.preprocess.prepare` does (resampled, padded to the size multiple);
+every member runs once on the slices
 and once on their left-right flip (the default TTA), all on the CPU with a fixed number of
 intra-op threads. Reports the median over repeats, after a warm-up run.
 """
@@ -15,11 +17,15 @@ import numpy as np
 from ..registry.manifest import load_manifest
 
 
-def time_ensemble(model_dir: Path | str, z: int = 24, hw: tuple[int, int] = (128, 128), threads: int = 2,
-                  repeats: int = 5) -> dict:
+def time_ensemble(model_dir: Path | str, z: int = 24, native_xy: tuple[int, int] = (128, 128),
+                  native_mm: tuple[float, float] = (1.0, 1.0), threads: int = 2, repeats: int = 5) -> dict:
     import onnxruntime as ort
 
+    from ..preprocess import _pad_amounts, model_grid_shape
+
     spec = load_manifest(Path(model_dir))
+    grid = model_grid_shape(native_xy, native_mm, spec.spacing_mm)
+    hw = tuple(n + sum(_pad_amounts(n, spec.size_multiple)) for n in grid)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
