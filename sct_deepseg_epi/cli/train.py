@@ -46,7 +46,7 @@ def get_parser() -> Parser:
                    help="Simulated stacks per member for the held-out simulated score. Default: 240.")
     o.add_argument("-patch", type=int, default=None, help="Training patch size (pixels on the model grid). Default: 96.")
     o.add_argument("-widths", default=None, help="U-Net widths per level, comma-separated. Default: 8,16,24,32.")
-    o.add_argument("-spacing", type=float, default=None, help="In-plane model spacing in mm. Default: 1.25.")
+    o.add_argument("-spacing", type=float, default=None, help="In-plane model spacing in mm. Default: 1.0.")
     o.add_argument("-context", type=int, default=None, help="Neighbouring slices per side as channels. Default: 0 (2D).")
     o.add_argument("-lr", type=float, default=None, help="Peak learning rate. Default: 3e-3 (5e-4 when fine-tuning).")
     o.add_argument("-seed", type=int, default=0, help="Random seed (simulation, weights, batch order). Default: 0.")
