@@ -552,8 +552,9 @@ class _Pool:
         return False
 
 
-
 class _Dask:
+    """Tasks on a Dask cluster: a scheduler address, ``'local'`` (a LocalCluster), or the caller's client."""
+
     def __init__(self, scheduler: str | None, client: Any, jobs: int):
         self.scheduler, self.client, self.jobs = scheduler, client, jobs
         self.own: list = []
@@ -562,8 +563,11 @@ class _Dask:
         if self.client is None:
             distributed = _require_distributed()
             if self.scheduler == "local":
-                cluster = distributed.LocalCluster(n_workers=max(1, self.jobs), threads_per_worker=1,
-                                                   processes=True, host="127.0.0.1", dashboard_address=None)
+                try:
+                    cluster = distributed.LocalCluster(n_workers=max(1, self.jobs), threads_per_worker=1,
+                                                       processes=True, host="127.0.0.1", dashboard_address=None)
+                except Exception as exc:  # Dask wraps every start-up failure in its own RuntimeError
+                    raise InputError(f"cannot start a local Dask cluster ({_clean(exc)})") from None
                 self.own.append(cluster)
                 self.client = distributed.Client(cluster)
             else:
