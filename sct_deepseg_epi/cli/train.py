@@ -59,6 +59,8 @@ def get_parser() -> Parser:
                    help="Also save the trained torch weights and histories to this file (.pt).")
     o.add_argument("-from-checkpoint", metavar="<file>", default=None,
                    help="Skip training: export the weights of a -checkpoint file (e.g. trained on a GPU machine).")
+    o.add_argument("-card-notes", metavar="<file.md>", default=None,
+                   help="Markdown appended to the model card (measurements made outside training, say).")
     o.add_argument("-pack", metavar="<file.npz>", default=None,
                    help="Only load -data and pack it into one .npz (to train on another machine), then exit.")
     return p
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                               provenance=provenance)
     card = model_card(name=args.name, version=args.version, spec=load_manifest(Path(args.o)), training=training,
                       metrics=metrics_out, provenance={**provenance, "parity_max_abs_diff": max(diffs)},
-                      parity_diffs=diffs, sources=src_rows)
+                      parity_diffs=diffs, sources=src_rows,
+                      notes=Path(args.card_notes).read_text(encoding="utf-8") if args.card_notes else "")
     (Path(args.o) / "README.md").write_text(card, encoding="utf-8")
     print(f"ONNX/torch parity: max abs diff {max(diffs):.3g} (limit 1e-4)")
     print(f"wrote {path} ({len(models)} members)")

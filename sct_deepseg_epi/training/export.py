@@ -137,7 +137,7 @@ def onnx_to_torch(path: Path, cfg: NetConfig):
 
 
 def model_card(*, name: str, version: str, spec: ModelSpec, training: dict, metrics: dict,
-               provenance: dict, parity_diffs: list[float], sources: list[dict]) -> str:
+               provenance: dict, parity_diffs: list[float], sources: list[dict], notes: str = "") -> str:
     """The model's README.md: what it is, what it was trained on, how well it does."""
     L = [f"# {name} {version}", "", spec.description or "", ""]
     L += ["## Contract", "",
@@ -158,7 +158,10 @@ def model_card(*, name: str, version: str, spec: ModelSpec, training: dict, metr
           "| source | image SHA-256 | mask SHA-256 | fold held out |", "|---|---|---|---|"]
     for s in sources:
         L.append(f"| `{s.get('image', s['name'])}` | `{s.get('sha256', '')}` | `{s.get('mask_sha256', '')}` | {s.get('fold', '')} |")
-    L += ["", "## Simulation settings", "", "```json", json.dumps(training.get("config", {}).get("sim", {}), indent=1), "```", ""]
+    L += ["", "## Simulation settings", "", "Drawn uniformly per simulated stack (see docs/simulation.md):", "",
+          "| setting | value |", "|---|---|"]
+    L += [f"| `{k}` | {v} |" for k, v in training.get("config", {}).get("sim", {}).items()]
+    L += [""]
     cfg = {k: v for k, v in training.get("config", {}).items() if k not in ("sim", "net")}
     L += ["## Training", "", f"- command: `{training.get('command', '')}`",
           f"- configuration: `{json.dumps(cfg)}`",
@@ -181,5 +184,12 @@ def model_card(*, name: str, version: str, spec: ModelSpec, training: dict, metr
               f" (drop {real['crop_drop']:.3f})",
               f"- FOV shifted by {real.get('shift_mm')} mm (each direction, worst): Dice {real['shift_worst_dice']:.3f}"
               f" (drop {real['shift_drop']:.3f})", ""]
+    per_member = [h["history"][-1] for h in training.get("members", []) if h.get("history")]
+    if per_member:
+        L += ["Held-out simulated Dice per member (stacks simulated from the subjects that member never saw,"
+              " mean per-patch Dice at 0.5 on the model grid): "
+              + ", ".join(f"{r.get('heldout_sim_dice', float('nan')):.3f}" for r in per_member) + ".", ""]
+    if notes:
+        L += [notes.rstrip(), ""]
     L += ["## Provenance", "", "```json", json.dumps(provenance, indent=1), "```", ""]
     return "\n".join(L)
