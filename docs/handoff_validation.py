@@ -89,13 +89,17 @@ def shifted(src: Path, dst: Path, shift=SHIFT) -> Path:
     return dst
 
 
-def model_available(ref: str) -> bool:
+def model_id(ref: str) -> str | None:
+    """``name@version (member SHA-256 prefixes)`` of an installed model, None if it is not installed."""
     from sct_deepseg_epi.registry import store
 
     try:
-        return store.is_complete(store.resolve(ref))
+        spec = store.resolve(ref)
     except Exception:  # noqa: BLE001
-        return False
+        return None
+    if not store.is_complete(spec):
+        return None
+    return f"{spec.ref} (members {', '.join(m.sha256[:12] for m in spec.members)})"
 
 
 def main() -> int:
@@ -120,8 +124,9 @@ def main() -> int:
         if not dst.exists():
             shutil.copy2(src, dst)
     ref = load(hand) > 0
-    have_model = model_available(args.model)
-    results: dict = {"model": args.model if have_model else None, "shift_vox": SHIFT, "conditions": {}}
+    model = model_id(args.model)
+    have_model = model is not None
+    results: dict = {"model": model, "shift_vox": SHIFT, "conditions": {}}
 
     # masks
     masks: dict[str, Path | None] = {}

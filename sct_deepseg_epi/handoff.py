@@ -285,8 +285,9 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     the image headers alone). ``qc``: a folder for SCT's QC report of each step.
     ``force``: run every step even when its outputs are up to date.
 
-    Raises HandoffError naming the step (before any step for a missing SCT tool or template
-    file) and InputError for an unusable input.
+    Raises, before any step runs: HandoffError for a missing SCT tool or template file,
+    InputError for an unusable input, ModelError for a model that cannot be loaded; then
+    HandoffError naming the step that failed.
     """
     from . import api
 
@@ -314,6 +315,8 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     if seg is not None:
         seg = Path(seg).resolve()
         check_same_grid(load_nifti(seg), str(seg), img, str(bold))
+    spec = api.load_model(model)  # an unknown model stops here, before any step
+    model_file = spec.directory / "manifest.json"  # a new model version makes the segmentations stale
     options = options or api.Options()
     stem = Path(strip_nifti_suffix(bold.name)).name
     out = PipelineOutputs(
@@ -331,8 +334,8 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
 
     def segment(src: Path, dst: Path) -> Callable[[], None]:
         def action():
-            steps.note(f"$ sct_deepseg_epi -i {src} -o {dst} -model {model}")
-            if api.run(src, dst, model=model, options=options).provenance["cord_voxels"] == 0:
+            steps.note(f"$ sct_deepseg_epi -i {src} -o {dst} -model {spec.ref}")
+            if api.run(src, dst, model=spec, options=options).provenance["cord_voxels"] == 0:
                 raise InputError(f"no spinal cord found in {src.name}; check the image (or give a corrected "
                                  "mask of the temporal mean with -s)")
         return action
@@ -340,14 +343,14 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     steps.step("temporal mean", [bold], [out.mean],
                lambda: steps.sct("temporal mean", ["sct_maths", "-i", str(bold), "-mean", "t", "-o", str(out.mean)]))
     if seg is None:
-        steps.step("segmentation", [out.mean], [out.mean_seg], segment(out.mean, out.mean_seg))
+        steps.step("segmentation", [out.mean, model_file], [out.mean_seg], segment(out.mean, out.mean_seg))
     steps.step("moco mask", [bold, out.mean_seg], [out.mask], lambda: moco_mask(bold, out.mean_seg, out.mask, diameter_mm))
     moco_outputs = [out.moco, out.moco_mean, out.moco_params]
     moco_qc = qc_args + (["-qc-seg", str(out.mean_seg)] if qc else [])
     steps.step("motion correction", [bold, out.mask], moco_outputs,
                lambda: steps.sct("motion correction", ["sct_fmri_moco", "-i", str(bold), "-m", str(out.mask),
                                                        "-ofolder", str(folder)] + moco_qc))
-    steps.step("segmentation of the moco mean", [out.moco_mean], [out.moco_mean_seg],
+    steps.step("segmentation of the moco mean", [out.moco_mean, model_file], [out.moco_mean_seg],
                segment(out.moco_mean, out.moco_mean_seg))
     reg_cmd = ["sct_register_multimodal", "-i", str(tpl["t2s"]), "-iseg", str(tpl["cord"]), "-d", str(out.moco_mean),
                "-dseg", str(out.moco_mean_seg), "-param", param, "-o", str(out.template_reg),
