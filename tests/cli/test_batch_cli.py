@@ -171,3 +171,36 @@ def test_batch_cli_progress_bar_on_a_terminal(tiny_model, tmp_path, capsys, monk
     assert "3/3" in err and ("run/s" in err or "s/run" in err)      # the tqdm bar
     assert "FAILED sub-03/func/sub-03_task-rest_bold.nii.gz: " in err
     assert "[1/3]" not in err                                        # no per-run log lines
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or os.name != "posix", reason="needs a FIFO and process groups")
+def test_ctrl_c_records_what_finished_and_a_rerun_resumes(tiny_model, tmp_path):
+    import signal
+
+    ds = make_dataset(tmp_path / "ds", runs=RUNS[:2])
+    fifo = ds / "sub-09/func/sub-09_task-rest_bold.nii.gz"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)  # this run hangs: its worker hashes the input to compare with the earlier result below
+    deriv = ds / "derivatives" / "sct_deepseg_epi"
+    (deriv / "sub-09/func").mkdir(parents=True)
+    (deriv / "sub-09/func/sub-09_task-rest_desc-spinalcord_mask.json").write_text("{}")
+    cmd = [sys.executable, "-m", "sct_deepseg_epi", "batch", str(ds), "-model", "tiny", "-jobs", "2"]
+    p = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        finished = 0
+        while finished < 2:  # both real runs are done; the third worker is stuck on the FIFO
+            line = p.stderr.readline()
+            assert line, "the batch ended early"
+            finished += " done in " in line
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
+        rest = p.communicate(timeout=30)[1]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and "interrupted" in rest
+    assert [r["status"] for r in rows(deriv).values()] == ["done", "done"]    # the FIFO run is not recorded
+    assert not [q for q in deriv.rglob("*") if ".part" in q.name or q.name.endswith(".work")]
+    fifo.unlink()
+    assert main(["batch", str(ds), "-model", "tiny", "-v", "0"]) == 0
+    assert [r["status"] for r in rows(deriv).values()] == ["skipped", "skipped"]
