@@ -183,10 +183,10 @@ def find_template(template: Path | str | None = None) -> Path:
         return Path(template)
     from .registry.store import sct_dir
 
-    root = sct_dir()
+    root = sct_dir() or (Path(os.environ["SCT_DIR"]) if os.environ.get("SCT_DIR") else None)
     if root is None and shutil.which("sct_maths"):
         root = Path(shutil.which("sct_maths")).resolve().parent.parent  # $SCT_DIR/bin/sct_maths
-    return (root or Path(os.environ.get("SCT_DIR", "."))) / "data" / "PAM50"
+    return (root or Path(".")) / "data" / "PAM50"
 
 
 def check_sct(tools: Sequence[str] = SCT_TOOLS) -> None:
