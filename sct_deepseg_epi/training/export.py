@@ -55,7 +55,7 @@ def parity(model, path: Path, in_channels: int, multiple: int, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     worst = 0.0
     model = model.eval()
-    for shape in ((3, in_channels, 4 * multiple, 6 * multiple), (1, in_channels, 10 * multiple, 8 * multiple)):
+    for shape in ((3, in_channels, 2 * multiple, 3 * multiple), (1, in_channels, 5 * multiple, 4 * multiple)):
         x = rng.normal(size=shape).astype(np.float32)
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()

@@ -38,10 +38,10 @@ def save_pair(folder: Path, stem: str, img, mask, zooms, label_suffix="_seg-manu
     return ip, mp
 
 
-@pytest.fixture
-def tiny_bids(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def tiny_bids(tmp_path_factory) -> Path:
     """Three subjects (so 3-fold ensembles have a held-out subject each); labels under derivatives/."""
-    root = tmp_path / "bids"
+    root = tmp_path_factory.mktemp("tiny") / "bids"
     for i, sub in enumerate(("sub-01", "sub-02", "sub-03")):
         img, mask, z = synthetic_neck(centre=(20.0 + 3 * i, 15.0 + 2 * i), seed=i)
         ip, mp = save_pair(root / sub / "anat", f"{sub}_T2starw", img, mask, z)

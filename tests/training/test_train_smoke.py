@@ -19,13 +19,19 @@ from sct_deepseg_epi.registry.manifest import load_manifest  # noqa: E402
 TINY = ["-n-sim", "12", "-n-val", "3", "-epochs", "1", "-patch", "32", "-workers", "1", "-threads", "2"]
 
 
-def test_train_export_and_run(tiny_bids, tmp_path, capsys):
-    out = tmp_path / "model"
+@pytest.fixture(scope="module")
+def trained(tiny_bids, tmp_path_factory):
+    """One 3-member model trained for a few steps, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("trained")
+    out = tmp / "model"
     rc = cli_main(["train", "-data", str(tiny_bids), "-o", str(out), "-name", "tiny_epi", "-version", "0.0.1",
-                   "-members", "3", "-seed", "3", "-checkpoint", str(tmp_path / "ck.pt"), *TINY])
+                   "-members", "3", "-seed", "3", "-checkpoint", str(tmp / "ck.pt"), *TINY])
     assert rc == 0
-    printed = capsys.readouterr().out
-    assert "parity: max abs diff" in printed
+    return out, tmp / "ck.pt"
+
+
+def test_train_export_and_run(trained, tiny_bids, tmp_path, capsys):
+    out, ck = trained
     spec = load_manifest(out)  # validated, SHA-256 present
     assert spec.name == "tiny_epi" and len(spec.members) == 3 and spec.context_slices == 0
     tr = spec.extra["training"]
@@ -48,10 +54,11 @@ def test_train_export_and_run(tiny_bids, tmp_path, capsys):
     seg = segment(str(img), model=out)
     assert np.asarray(seg.mask.dataobj).shape == (48, 40, 8)
 
-    # exporting a checkpoint again gives the same members (deterministic export)
+    # exporting the checkpoint again gives the same members (deterministic export), and says so
     out2 = tmp_path / "again"
     assert cli_main(["train", "-data", str(tiny_bids), "-o", str(out2), "-name", "tiny_epi", "-version", "0.0.1",
-                     "-from-checkpoint", str(tmp_path / "ck.pt")]) == 0
+                     "-from-checkpoint", str(ck)]) == 0
+    assert "parity: max abs diff" in capsys.readouterr().out
     assert [m.sha256 for m in load_manifest(out2).members] == [m.sha256 for m in spec.members]
 
 
@@ -66,9 +73,8 @@ def test_training_is_deterministic(tiny_bids, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fine_tune_from_model_folder(tiny_bids, tmp_path):
-    base = tmp_path / "base"
-    assert cli_main(["train", "-data", str(tiny_bids), "-o", str(base), "-members", "1", *TINY]) == 0
+def test_fine_tune_from_model_folder(trained, tiny_bids, tmp_path):
+    base = trained[0]
     tuned = tmp_path / "tuned"
     assert cli_main(["train", "-data", str(tiny_bids), "-o", str(tuned), "-init-model", str(base),
                      "-members", "1", *TINY]) == 0
