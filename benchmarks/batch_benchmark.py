@@ -116,6 +116,33 @@ def time_config(label: str, ds: Path, work: Path, model: str, **kw) -> dict:
                 proj=(first[0] + 399 / steady * 60) / 60, jobs=kw.get("jobs", 1))
 
 
+def worker_memory(tmp: Path, model: str, shape: tuple[int, int, int], volumes: tuple[int, ...]) -> None:
+    """Peak memory of one batch worker on short and long series: it must not grow with the length."""
+    import subprocess
+
+    print(f"\nworker peak memory, 2 runs per batch, -jobs 2, {'x'.join(map(str, shape))}:")
+    print(f"{'volumes':>8} {'-4d':>5} {'peak MiB':>9} {'wall s':>7}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n_vol in volumes:
+        ds = make_dataset(tmp / f"mem{n_vol}", 2, shape, n_vol)
+        for mode in ("mean", "each"):
+            deriv = tmp / f"mem{n_vol}-{mode}"
+            # the largest worker's peak: the batch process and the workers it reaped (Linux wait4 semantics)
+            code = ("import resource, sys; from sct_deepseg_epi import batch; "
+                    f"r = batch.run_batch({str(ds)!r}, {str(deriv)!r}, model={model!r}, jobs=2, "
+                    f"options={{'mode_4d': {mode!r}}}); "
+                    "assert not r.failed, r.failed; "
+                    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-2000:])
+            peak = int(out.stdout.split()[-1]) / 1024
+            print(f"{n_vol:>8} {mode:>5} {peak:>9.0f} {time.perf_counter() - t0:>7.1f}")
+            shutil.rmtree(deriv)
+        shutil.rmtree(ds)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-runs", type=int, default=40, help="runs in the synthetic dataset (default 40)")
@@ -126,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("-repeat", type=int, default=1, help="time each configuration this many times, keep the fastest")
     p.add_argument("-no-dask", action="store_true", help="skip the Dask local cluster")
     p.add_argument("-quick", action="store_true", help="8 runs: a smoke test, not a measurement")
+    p.add_argument("-memory", action="store_true",
+                   help="also measure a worker's peak memory on short and long (240-volume) series")
     args = p.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split("x"))
     n_runs = 8 if args.quick else args.runs
@@ -155,18 +184,20 @@ def main(argv=None) -> int:
             best = min((time_config(label, ds, tmp, model, **kw) for _ in range(max(1, args.repeat))),
                        key=lambda r: r["wall"])
             rows.append({**best, "threads": threads})
-    print()
-    print(f"{'configuration':<16} {'workers x threads':>17} {'runs':>5} {'wall s':>7} {'runs/min':>9} "
-          f"{'1st run s':>9} {'steady runs/min':>15} {'400 runs':>9}")
-    for r in rows:
-        wxt = f"{r['jobs']} x {r['threads']}"
-        print(f"{r['label']:<16} {wxt:>17} {r['n']:>5} {r['wall']:>7.1f} {r['rate']:>9.0f} "
-              f"{r['first']:>9.1f} {r['steady']:>15.0f} {r['proj']:>5.1f} min")
-    print(f"\nruns/min: runs / end-to-end wall time (discovery, model check, start-up of processes or cluster,"
-          " segmentation, sidecars, summary). 1st run s: when the first run finished (start-up + one run)."
-          " steady: the rate after that. 400 runs: 1st run + 399 at the steady rate, on this machine."
-          f" Fastest of {args.repeat} repeat(s). On a shared machine the load average says how far to trust the figures:"
-          f" {os.getloadavg()[0]:.1f} at the end.")
+        print()
+        print(f"{'configuration':<16} {'workers x threads':>17} {'runs':>5} {'wall s':>7} {'runs/min':>9} "
+              f"{'1st run s':>9} {'steady runs/min':>15} {'400 runs':>9}")
+        for r in rows:
+            wxt = f"{r['jobs']} x {r['threads']}"
+            print(f"{r['label']:<16} {wxt:>17} {r['n']:>5} {r['wall']:>7.1f} {r['rate']:>9.0f} "
+                  f"{r['first']:>9.1f} {r['steady']:>15.0f} {r['proj']:>5.1f} min")
+        print(f"\nruns/min: runs / end-to-end wall time (discovery, model check, start-up of processes or cluster,"
+              " segmentation, sidecars, summary). 1st run s: when the first run finished (start-up + one run)."
+              " steady: the rate after that. 400 runs: 1st run + 399 at the steady rate, on this machine."
+              f" Fastest of {args.repeat} repeat(s). On a shared machine the load average says how far to trust the figures:"
+              f" {os.getloadavg()[0]:.1f} at the end.")
+        if args.memory:
+            worker_memory(tmp, model, shape, (args.volumes, 240))
     return 0
 
 
