@@ -236,6 +236,9 @@ def _segment_locked(job: Job, rec: Record) -> None:
     from .write import file_sha256, save_json, sidecar_path
 
     out = job.outputs
+    if job.run.path.is_symlink() and not job.run.path.exists():
+        raise InputError(f"{job.run.path}: a broken symbolic link (a DataLad/git-annex file whose content "
+                         "is not fetched? run: datalad get)")
     extras = list(out.extras(job.soft, job.disagreement))
     if not job.overwrite and out.sidecar.is_file():  # hash the input only when there is a result to compare
         try:

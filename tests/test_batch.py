@@ -132,6 +132,16 @@ def test_other_model_version_is_redone_and_reported(model_root, tmp_path):
     assert desc["GeneratedBy"][0]["Model"]["Version"] == "1.1.0"
 
 
+def test_unfetched_annex_file_is_explained(tiny_model, tmp_path):
+    ds = make_dataset(tmp_path / "ds", runs=("sub-01/func/sub-01_task-rest_bold.nii.gz",))
+    link = ds / "sub-02/func/sub-02_task-rest_bold.nii.gz"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("../../.git/annex/objects/XX/yy/SHA256E-s1--0.nii.gz")  # DataLad before `datalad get`
+    res = batch.run_batch(ds, model="tiny")
+    assert [r.status for r in res.records] == ["done", "failed"]
+    assert "broken symbolic link" in res.records[1].error and "datalad get" in res.records[1].error
+
+
 def test_dataset_without_description_subject_without_func(tiny_model, tmp_path):
     ds = make_dataset(tmp_path / "ds", runs=("sub-01/func/sub-01_task-rest_bold.nii.gz",), description=False)
     (ds / "sub-02" / "anat").mkdir(parents=True)
