@@ -67,32 +67,15 @@ def get_parser() -> Parser:
 
 
 def _resolve_init(ref: str) -> Path:
+    """The folder of the model to fine-tune: a model folder, or an installed ``name[@version]`` (checksums verified)."""
+    from ..api import load_model
     from ..errors import ModelError
 
     p = Path(ref)
-    if (p / "manifest.json").is_file():
-        return p
-    try:
-        from ..registry import store  # the engine's model store (installed models)
-
-        for fn in ("find_installed", "resolve", "model_dir", "locate"):
-            if hasattr(store, fn):
-                found = getattr(store, fn)(ref)
-                folder = getattr(found, "directory", found)
-                if folder and (Path(folder) / "manifest.json").is_file():
-                    return Path(folder)
-    except Exception:  # noqa: BLE001 - any failure: fall back to the shipped models folder
-        pass
-    name, _, version = ref.partition("@")
-    base = Path(__file__).resolve().parents[2] / "models" / name
-    if base.is_dir():
-        versions = sorted((d for d in base.iterdir() if (d / "manifest.json").is_file()),
-                          key=lambda d: tuple(int(x) for x in d.name.split(".")))
-        if version:
-            versions = [d for d in versions if d.name == version]
-        if versions:
-            return versions[-1]
-    raise ModelError(f"{ref}: no such model folder or installed model to fine-tune from")
+    spec = load_model(p if p.is_dir() else ref, install=False)
+    if spec.directory is None:
+        raise ModelError(f"{ref}: the model has no local folder to fine-tune from")
+    return spec.directory
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from sct_deepseg_epi.errors import InputError
 from sct_deepseg_epi.preprocess import prepare
 from sct_deepseg_epi.training.data import crop_patch, discover, is_label, load_source, pair_files, prepared_pair
 from sct_deepseg_epi.training.simulate import SimConfig, simulate
+from train_fixtures import tiny_bids  # noqa: F401,E402  (fixture)
 
 
 def test_label_names():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sct_deepseg_epi.training.data import discover
+from train_fixtures import shared_data  # noqa: F401,E402  (fixture)
 
 pytestmark = pytest.mark.data
 MODEL = Path(__file__).resolve().parents[2] / "models" / "seg_sc_epi" / "0.1.0"

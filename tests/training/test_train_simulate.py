@@ -8,6 +8,7 @@ import pytest
 
 from sct_deepseg_epi.training.simulate import (SimConfig, Source, area_downsample2, kspace_acquire, simulate,
                                                thick_slice_weights)
+from train_fixtures import neck  # noqa: F401,E402  (fixture)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from sct_deepseg_epi.cli import main as cli_main  # noqa: E402
 from sct_deepseg_epi.registry.manifest import load_manifest  # noqa: E402
+from train_fixtures import tiny_bids  # noqa: F401,E402  (fixture)
 
 TINY = ["-n-sim", "12", "-n-val", "3", "-epochs", "1", "-patch", "32", "-workers", "1", "-threads", "2"]
 
@@ -99,3 +100,12 @@ def test_onnx_round_trip_to_torch(tmp_path):
     x = torch.randn(2, 1, 32, 48)
     with torch.no_grad():
         assert float((back(x) - m(x)).abs().max()) < 1e-4
+
+
+def test_fine_tune_the_shipped_model_by_name(tiny_bids, tmp_path):
+    out = tmp_path / "adapted"
+    assert cli_main(["train", "-data", str(tiny_bids), "-o", str(out), "-init-model", "seg_sc_epi",
+                     "-members", "3", *TINY]) == 0
+    spec = load_manifest(out)
+    assert spec.extra["training"]["config"]["net"]["widths"] == [8, 16, 24, 32]
+    assert spec.spacing_mm == (1.0, 1.0) and len(spec.members) == 3

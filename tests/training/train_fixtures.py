@@ -1,4 +1,8 @@
-"""Fixtures for the training tests: tiny synthetic neck volumes with a cord mask, built in code."""
+"""Fixtures for the training tests: tiny synthetic neck volumes with a cord mask, built in code.
+
+Not a conftest.py: tests/conftest.py is imported by name elsewhere, so a second module called
+"conftest" would shadow it. Test modules import the fixtures they use from here.
+"""
 from __future__ import annotations
 
 from pathlib import Path
