@@ -73,8 +73,9 @@ def get_parser() -> Parser:
                    help="Flip test-time augmentation (default 1; 0 is faster).")
     o.add_argument("-device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="Where to run (default: auto; cuda needs onnxruntime-gpu).")
-    o.add_argument("-overwrite", metavar="<0|1>", type=yes_no, default=False,
-                   help="Redo runs whose outputs are up to date (default 0: skip them).")
+    o.add_argument("-overwrite", metavar="<0|1>", type=yes_no, nargs="?", const=True, default=False,
+                   help="Redo runs whose outputs are up to date (default 0: skip them; "
+                        "-overwrite alone means 1).")
     return p
 
 

@@ -35,6 +35,12 @@ def test_batch_cli_success_then_resume(tiny_model, tmp_path, capsys):
     assert main(["batch", str(ds), "-model", "tiny", "-disagreement", "0", "-v", "0"]) == 0
     assert capsys.readouterr().err == ""
     assert [r["status"] for r in rows(deriv).values()] == ["done", "done", "skipped"]
+    # -overwrite forces, as a bare flag or SCT-style 0|1
+    for flag in (["-overwrite"], ["-overwrite", "1"]):
+        assert main(["batch", str(ds), "-model", "tiny", "-task-label", "motor", "-v", "0", *flag]) == 0
+        assert rows(deriv)["sub-02/func/sub-02_task-motor_run-1_bold.nii.gz"]["status"] == "done"
+    assert main(["batch", str(ds), "-model", "tiny", "-task-label", "motor", "-overwrite", "0", "-v", "0"]) == 0
+    assert rows(deriv)["sub-02/func/sub-02_task-motor_run-1_bold.nii.gz"]["status"] == "skipped"
 
 
 def test_batch_cli_failed_run_gives_exit_1(tiny_model, tmp_path, capsys):
