@@ -22,8 +22,7 @@ _SUFFIX_RE = re.compile(r"_(seg|mask|pred|label)([-_][A-Za-z0-9]+)*$", re.IGNORE
 
 
 def get_parser() -> Parser:
-    p = Parser("sct_deepseg_epi evaluate", __doc__.split("\n\n")[0].split(": ", 1)[1] + "\n\n"
-               + __doc__.split("\n\n")[1])
+    p = Parser("sct_deepseg_epi evaluate", "Compare predicted masks with reference masks.\n\n" + __doc__.split("\n\n")[1])
     p.mandatory.add_argument("-pred", metavar="<file|folder>", required=True, help="Predicted mask(s).")
     p.mandatory.add_argument("-ref", metavar="<file|folder>", required=True, help="Reference mask(s).")
     p.optional.add_argument("-o", metavar="<file>", default=None,

@@ -27,12 +27,13 @@ log = logging.getLogger("sct_deepseg_epi.train")
 
 
 def get_parser() -> Parser:
-    p = Parser("sct_deepseg_epi train", __doc__.split("\n\n")[0].split(": ", 1)[1])
+    p = Parser("sct_deepseg_epi train", "Train (or fine-tune) an ensemble on labelled data and export it as a "
+               "checksummed model folder (ONNX members + manifest.json + model card).")
     p.mandatory.add_argument("-data", metavar="<path>", required=True,
                              help="Labelled data: a BIDS folder or any tree of NIfTIs with *_seg*/*_mask* labels, "
                                   "a MANIFEST.tsv (path, role, sha256 columns; role train-source is used), or a "
                                   "sources .npz packed by -pack.")
-    p.mandatory.add_argument("-o", metavar="<folder>", required=True, help="Output model folder.")
+    p.mandatory.add_argument("-o", metavar="<folder>", help="Output model folder (not needed with -pack).")
     o = p.optional
     o.add_argument("-name", default="custom_model", help="Model name in the manifest. Default: custom_model.")
     o.add_argument("-version", default="0.1.0", help="Model version (MAJOR.MINOR.PATCH). Default: 0.1.0.")
@@ -79,7 +80,10 @@ def _resolve_init(ref: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if not args.o and not args.pack:
+        parser.error("the following arguments are required: -o")
     setup_logging(args.v)
     from .._optional import require
 
