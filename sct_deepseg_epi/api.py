@@ -22,7 +22,7 @@ from . import __version__
 from .errors import IntegrityError, ModelError
 from .infer import Ensemble
 from .postprocess import PostOptions, postprocess
-from .preprocess import model_grid_shape, prepare, restore, roi_around
+from .preprocess import Prepared, model_grid_shape, prepare, restore, roi_around
 from .read import Volume, from_image, read_volume
 from .registry import download, store
 from .registry.manifest import ModelSpec, load_manifest
@@ -95,6 +95,7 @@ class Options:
     device: str = "auto"
     threads: int | None = None
     tta: bool = True
+    localise: bool = True  # quick first pass, then the ensemble on a region around the cord
 
     def post(self, spec: ModelSpec) -> PostOptions:
         p = spec.postprocess
@@ -134,14 +135,36 @@ class Segmentation:
                           self.warnings, np.asarray(self.mask.dataobj))
 
 
+def _localise(prep: Prepared, ens: Ensemble, threshold: float) -> tuple[slice, slice] | None:
+    """Region around every object a quick pass (one member, no flips) finds, or None.
+
+    None (run the whole field) when nothing is found or the region would cover most of it.
+    """
+    quick = ens.predict(prep.batch, quick=True).probability
+    (a0, a1), (b0, b1) = prep.pad
+    found = quick[:, a0:quick.shape[1] - a1, b0:quick.shape[2] - b1] >= threshold
+    roi = roi_around(np.moveaxis(found, 0, 2), ens.spec, prep.model_xy, ROI_MARGIN_MM)
+    if roi is None or (roi[0].stop - roi[0].start) * (roi[1].stop - roi[1].start) > 0.6 * np.prod(prep.model_xy):
+        return None
+    return roi
+
+
 def _segment_ras(data_ras: np.ndarray, vol: Volume, ens: Ensemble, post: PostOptions,
-                 timings: dict[str, float], roi: tuple[slice, slice] | None = None) -> tuple[np.ndarray, ...]:
-    """One 3D RAS array -> (mask, probability, disagreement) on the native RAS grid."""
+                 timings: dict[str, float], roi: tuple[slice, slice] | None = None,
+                 localise: bool = False) -> tuple[np.ndarray, ...]:
+    """One 3D RAS array -> (mask, probability, disagreement) on the native RAS grid.
+
+    ``roi`` restricts the ensemble to a region; ``localise`` finds one with a quick pass.
+    """
     if ens.spec.nnunet is not None:  # an imported nnU-Net model: nnU-Net's own recipe, whole field
         return ens.segment(data_ras, vol, post, timings)
     t0 = time.perf_counter()
     prep = prepare(data_ras, vol.zooms, ens.spec, roi=roi)
     t1 = time.perf_counter()
+    if roi is None and localise:
+        roi = _localise(prep, ens, post.threshold)
+        if roi is not None:
+            prep = prepare(data_ras, vol.zooms, ens.spec, roi=roi)
     out = ens.predict(prep.batch)
     t2 = time.perf_counter()
     prob = np.clip(restore(out.probability, prep), 0, 1)
@@ -170,13 +193,13 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
     ens = get_ensemble(spec, options.device, options.threads, options.tta)
     post = options.post(spec)
     if vol.is_4d and options.mode_4d == "each":
-        mean_mask, _, _ = _segment_ras(vol.data, vol, ens, post, timings)
+        mean_mask, _, _ = _segment_ras(vol.data, vol, ens, post, timings, localise=options.localise)
         model_xy = model_grid_shape(vol.data.shape[:2], vol.zooms[:2], spec.spacing_mm)
         roi = roi_around(mean_mask, spec, model_xy, ROI_MARGIN_MM)
         for frame in vol.iter_frames():
             yield _frame(vol, *_segment_ras(frame, vol, ens, post, timings, roi))
     else:
-        yield _frame(vol, *_segment_ras(vol.data, vol, ens, post, timings))
+        yield _frame(vol, *_segment_ras(vol.data, vol, ens, post, timings, localise=options.localise))
 
 
 def _as_volume(image: str | Path | nib.Nifti1Image) -> Volume:
@@ -188,7 +211,7 @@ def _as_volume(image: str | Path | nib.Nifti1Image) -> Volume:
 def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
             threshold: float | None = None, largest: bool | None = None, fill_holes: bool | None = None,
             remove_small: str | None = None, mode_4d: Mode4D = "mean", device: str = "auto",
-            threads: int | None = None, tta: bool = True) -> Segmentation:
+            threads: int | None = None, tta: bool = True, localise: bool = True) -> Segmentation:
     """Segment the spinal cord in a 3D or 4D EPI image.
 
     Parameters mirror the command line; ``None`` takes the model's default. For 4D input,
@@ -200,7 +223,7 @@ def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpe
 
     Raises InputError for unusable images and ModelError for unknown or damaged models.
     """
-    options = Options(threshold, largest, fill_holes, remove_small, mode_4d, device, threads, tta)
+    options = Options(threshold, largest, fill_holes, remove_small, mode_4d, device, threads, tta, localise)
     _check_options(options)
     t0 = time.perf_counter()
     vol = _as_volume(image)
@@ -245,6 +268,7 @@ def provenance(spec: ModelSpec, options: Options, provider: str, source: str, ti
         "threshold": post.threshold,
         "postprocess": {"largest": post.largest, "fill_holes": post.fill_holes, "remove_small": post.remove_small},
         "tta": options.tta,
+        "localise": options.localise,
         "mode_4d": options.mode_4d,
         "input": {"path": source, "sha256": input_sha256},
         "timings_s": {k: round(v, 4) for k, v in timings.items()},

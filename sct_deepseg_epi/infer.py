@@ -113,33 +113,38 @@ class Ensemble:
         self.flips = flip_sets(spec.tta_flip_axes) if tta else [()]
         self.provider = self.sessions[0].get_providers()[0]
 
-    def _run_member(self, sess, batch: np.ndarray) -> np.ndarray:
+    def _run_member(self, sess, batch: np.ndarray, flips: list[tuple[int, ...]]) -> np.ndarray:
         # all flips of a chunk go through the network as one batch: fewer, larger calls are faster
-        views = [np.flip(batch, axis=tuple(a + 2 for a in f)) if f else batch for f in self.flips]
+        views = [np.flip(batch, axis=tuple(a + 2 for a in f)) if f else batch for f in flips]
         out = sess.run(["logits"], {"image": np.ascontiguousarray(np.concatenate(views))})[0]
         prob = _foreground(out, self.spec.activation)
         n = batch.shape[0]
         acc = np.zeros_like(prob[:n])
-        for i, f in enumerate(self.flips):
+        for i, f in enumerate(flips):
             p = prob[i * n:(i + 1) * n]
             acc += np.flip(p, axis=tuple(a + 1 for a in f)) if f else p
-        return acc / len(self.flips)
+        return acc / len(flips)
 
-    def predict(self, batch: np.ndarray, chunk: int = 16) -> Probabilities:
-        """(Z, C, H, W) -> mean probability and member disagreement (std), each (Z, H, W)."""
+    def predict(self, batch: np.ndarray, chunk: int = 16, quick: bool = False) -> Probabilities:
+        """(Z, C, H, W) -> mean probability and member disagreement (std), each (Z, H, W).
+
+        ``quick`` runs the first member alone without flips: a cheap pass to find the cord.
+        """
         if batch.ndim != 4 or batch.shape[1] != self.spec.in_channels:
             raise ModelError(f"model {self.spec.ref} expects (Z, {self.spec.in_channels}, H, W) input, got {batch.shape}")
+        sessions = self.sessions[:1] if quick else self.sessions
+        flips = [()] if quick else self.flips
         z = batch.shape[0]
         mean = np.zeros((z,) + batch.shape[2:], np.float32)
         sq = np.zeros_like(mean)
         # chunks of slices bound the activation memory for large fields of view
         for s in range(0, z, chunk):
             part = batch[s:s + chunk]
-            for sess in self.sessions:
-                p = self._run_member(sess, part)
+            for sess in sessions:
+                p = self._run_member(sess, part, flips)
                 mean[s:s + chunk] += p
                 sq[s:s + chunk] += p * p
-        k = len(self.sessions)
+        k = len(sessions)
         mean /= k
         std = np.sqrt(np.maximum(sq / k - mean * mean, 0)).astype(np.float32)
         return Probabilities(mean, std, self.provider)

@@ -108,3 +108,26 @@ def test_phantom_is_realistic_enough():
     data = np.asarray(ph.image.dataobj)
     # the CSF ring is brighter than the cord it surrounds, as in T2*-weighted EPI
     assert data[..., 0][truth > 0].mean() < np.percentile(data, 99)
+
+
+def test_localised_run_matches_whole_field(tiny_model):
+    # a large field with the cord-like blob off centre: the quick pass narrows the ensemble to a region
+    img, mask = blob_image(shape=(120, 110, 4), centre=(90, 30), radius=5)
+    fast = segment(img, model="tiny")
+    full = segment(img, model="tiny", localise=False)
+    assert np.array_equal(np.asarray(fast.mask.dataobj), np.asarray(full.mask.dataobj))
+    assert dice(np.asarray(fast.mask.dataobj), mask) > 0.95
+    assert fast.provenance()["localise"] is True
+
+
+def test_localise_finds_roi(tiny_model):
+    from sct_deepseg_epi.api import _localise, get_ensemble
+    from sct_deepseg_epi.preprocess import prepare
+    from sct_deepseg_epi.read import from_image
+
+    img, _ = blob_image(shape=(120, 110, 4), centre=(90, 30), radius=5, axcodes="RAS")
+    vol = from_image(img)
+    ens = get_ensemble(api.load_model("tiny"), "cpu")
+    roi = _localise(prepare(vol.data, vol.zooms, ens.spec), ens, 0.5)
+    assert roi is not None and roi[0].start <= 85 <= 95 <= roi[0].stop and roi[1].start <= 25 <= 35 <= roi[1].stop
+    assert (roi[0].stop - roi[0].start) < 120

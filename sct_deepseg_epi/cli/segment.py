@@ -52,6 +52,9 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
                    help="Also write the ensemble disagreement (std of members) as IN_seg_disagreement.nii.gz.")
     o.add_argument("-tta", metavar="<0|1>", type=yes_no, default=True,
                    help="Flip test-time augmentation (default 1; 0 is faster).")
+    o.add_argument("-roi", metavar="<0|1>", type=yes_no, default=True,
+                   help="Find the cord with a quick first pass, then run the ensemble on a region around it "
+                        "(default 1; 0 runs the ensemble on the whole field, slower).")
     o.add_argument("-device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="Where to run: cuda needs onnxruntime-gpu (default: auto).")
     o.add_argument("-threads", metavar="<int>", type=int, default=None,
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
             parser.error(f"-remove-small: {exc}")
     options = api.Options(threshold=args.thr, largest=args.largest, fill_holes=args.fill_holes,
                           remove_small=args.remove_small, mode_4d=args.mode_4d, device=args.device,
-                          threads=args.threads, tta=args.tta)
+                          threads=args.threads, tta=args.tta, localise=args.roi)
     backend = None
     if args.qc:
         from .. import qc
