@@ -62,3 +62,16 @@ def test_prepared_pair_is_the_engines_prepare(tiny_bids):
     assert xp.shape == (3, 32, 32) and yp.shape == (1, 32, 32)
     if y[0].max() > 0.5:
         assert yp.max() > 0.5  # the window keeps the cord
+
+
+def test_numpy_parts_and_clis_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import sct_deepseg_epi.metrics, sct_deepseg_epi.cli.train, sct_deepseg_epi.cli.evaluate\n"
+            "import sct_deepseg_epi.training.simulate, sct_deepseg_epi.training.data\n"
+            "import sct_deepseg_epi.training.validate, sct_deepseg_epi.training.benchmark\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
