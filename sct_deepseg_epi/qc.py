@@ -115,10 +115,9 @@ def slice_tile(image: np.ndarray, mask: np.ndarray, disagreement: np.ndarray | N
 
 @dataclass
 class _Ras:
-    """An image's data reoriented like the input's Volume (RAS), with its voxel size."""
+    """Reorients arrays on the input's grid like the input's Volume (to RAS)."""
 
     to_ras: np.ndarray
-    zooms: tuple[float, float, float]
 
     def __call__(self, arr: np.ndarray) -> np.ndarray:
         return apply_orientation(np.asarray(arr), self.to_ras)
@@ -161,7 +160,7 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
     if mask_img.shape[:3] != vol.image.shape[:3]:
         raise InputError(f"QC: the mask {mask_img.shape[:3]} is not on the grid of {image} {vol.image.shape[:3]}")
     dis_img = None if disagreement is None else _as_image(disagreement)
-    ras = _Ras(vol.to_ras, vol.zooms)
+    ras = _Ras(vol.to_ras)
     mask_data = np.asarray(mask_img.dataobj) > 0
     dis_data = None if dis_img is None else np.asarray(dis_img.dataobj, dtype=np.float32)
     n_t = mask_data.shape[3] if mask_data.ndim == 4 else 1

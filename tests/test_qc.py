@@ -52,7 +52,9 @@ def test_slice_tile_draws_the_outline_in_red():
     img[mask > 0] = 100
     tile = qc.slice_tile(img, mask, None, (10, 10), (1.0, 1.0))
     red = (tile[..., 0] == 255) & (tile[..., 1] < 60)
-    assert red.sum() > 0 and red.sum() == red[:, :].sum()
+    ys, xs = np.nonzero(red)
+    # a 4 x 4 voxel square at 4 px per mm: a 16 x 16 px outline, hollow inside
+    assert ys.max() - ys.min() == 15 and xs.max() - xs.min() == 15 and red.sum() == 4 * 15
     with_dis = qc.slice_tile(img, mask, np.full((20, 20), 0.2, np.float32), (10, 10), (1.0, 1.0))
     assert with_dis.shape[0] > tile.shape[0] and with_dis.shape[1] == tile.shape[1]
 
