@@ -60,6 +60,17 @@ def check_output(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
     return out
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what open() would have given a new file or folder.
+
+    mkstemp/mkdtemp create private (0600/0700) entries; outputs and installed models are
+    given ordinary permissions before they are renamed into place.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it into place only on success."""
@@ -70,6 +81,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, final)
     except BaseException:
         try:
@@ -149,6 +161,7 @@ class FrameWriter:
         if self.count != self.shape[3]:
             self.abort()
             raise ValueError(f"{self.path}: expected {self.shape[3]} frames, got {self.count}")
+        os.chmod(self._tmp, umask_mode())
         os.replace(self._tmp, self.path)
         return self.path
 

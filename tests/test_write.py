@@ -78,3 +78,13 @@ def test_check_output_unwritable_folder(tmp_path):
     blocker.write_text("x")
     with pytest.raises(InputError):
         check_output(blocker / "m.nii.gz")
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    img, mask = blob_image()
+    old = os.umask(0o022)
+    try:
+        out = save_nifti(like(mask.astype(np.uint8), img), tmp_path / "m.nii.gz")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644

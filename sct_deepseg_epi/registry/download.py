@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 from ..errors import DownloadError, IntegrityError, ModelError
 from .manifest import MANIFEST_NAME, ModelSpec, load_manifest
+from ..write import umask_mode
 from .store import cache_root, sha256_file, verify
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,9 @@ def _install_folder_locked(folder: Path, spec: ModelSpec, root: Path, expect: tu
             trash = Path(tempfile.mkdtemp(prefix=f".old-{spec.version}.", dir=final.parent))
             os.replace(final, trash / "old")
             shutil.rmtree(trash, ignore_errors=True)
+        os.chmod(staging, umask_mode(0o777))  # mkdtemp's 0700 would hide a shared (SCT) install
+        for f in staging.iterdir():
+            os.chmod(f, umask_mode())
         os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
