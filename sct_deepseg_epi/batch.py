@@ -236,6 +236,9 @@ def _segment_locked(job: Job, rec: Record) -> None:
     from .write import file_sha256, save_json, sidecar_path
 
     out = job.outputs
+    # leftovers of a process killed while writing this run; we hold its lock, so nobody else is
+    for stale in [*out.folder.glob(f".{job.run.stem}.*.work"), *out.folder.glob(f".{job.run.stem}_desc-*.part*")]:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     if job.run.path.is_symlink() and not job.run.path.exists():
         raise InputError(f"{job.run.path}: a broken symbolic link (a DataLad/git-annex file whose content "
                          "is not fetched? run: datalad get)")
@@ -498,10 +501,21 @@ class _Pool:
         self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_init_worker, initargs=(self.threads, max(level, logging.ERROR)))
 
-    def close(self):
-        if self.pool is not None:
+    def close(self, interrupted: bool = False, grace: float = 5.0):
+        """Shut the pool down; after an interruption, workers get ``grace`` seconds, then SIGTERM."""
+        if self.pool is None:
+            return
+        if not interrupted:
             self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        else:  # Ctrl-C reached the workers too; do not let one that ignores it hold the batch
+            procs = list((getattr(self.pool, "_processes", None) or {}).values())
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            deadline = time.monotonic() + grace
+            for proc in procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.terminate()
+        self.pool = None
 
     def run_all(self, jobs: list[Job], finished: Callable[[Record], None]) -> list[Job]:
         from concurrent.futures.process import BrokenProcessPool
@@ -550,8 +564,8 @@ class _Pool:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(interrupted=exc_type is not None)
         return False
 
 

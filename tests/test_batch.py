@@ -118,6 +118,18 @@ def test_resume_skips_up_to_date_runs_and_redoes_changed_ones(tiny_model, tmp_pa
         "done", "skipped"]
 
 
+def test_leftovers_of_a_killed_writer_are_cleared(tiny_model, tmp_path):
+    ds = make_dataset(tmp_path / "ds", runs=("sub-01/func/sub-01_task-rest_bold.nii.gz",))
+    folder = bids.default_derivatives(ds) / "sub-01" / "func"
+    (folder / ".sub-01_task-rest.abc123.work").mkdir(parents=True)       # the work folder of a killed worker
+    (folder / ".sub-01_task-rest.abc123.work" / "mask.nii.gz").write_bytes(b"half")
+    (folder / ".sub-01_task-rest_desc-spinalcord_mask.json.x1.part.json").write_text("{")
+    (folder / ".sub-01_task-rest_run-2.zz.work").mkdir()                  # another run's: not ours to clear
+    assert [r.status for r in batch.run_batch(ds, model="tiny").records] == ["done"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")) == [
+        ".sub-01_task-rest_run-2.zz.work"]
+
+
 def test_other_model_version_is_redone_and_reported(model_root, tmp_path):
     from conftest import make_model_folder
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
+from conftest import blob_image
 from test_batch import make_dataset as make_bids
 from test_batch import summary_rows as rows
 
@@ -206,7 +207,10 @@ def test_ctrl_c_records_what_finished_and_a_rerun_resumes(tiny_model, tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130 and "interrupted" in rest
     assert [r["status"] for r in rows(deriv).values()] == ["done", "done"]    # the FIFO run is not recorded
-    assert not [q for q in deriv.rglob("*") if ".part" in q.name or q.name.endswith(".work")]
+    assert not list(deriv.glob("sub-09/func/*.nii.gz"))                       # nothing under a final name
     fifo.unlink()
+    nib.save(blob_image(seed=9)[0], str(fifo))
     assert main(["batch", str(ds), "-model", "tiny", "-v", "0"]) == 0
-    assert [r["status"] for r in rows(deriv).values()] == ["skipped", "skipped"]
+    assert [r["status"] for r in rows(deriv).values()] == ["skipped", "skipped", "done"]
+    assert [r["note"] for r in rows(deriv).values()][2] == "redone: mask missing"
+    assert not [q for q in deriv.rglob("*") if ".part" in q.name or q.name.endswith(".work")]
