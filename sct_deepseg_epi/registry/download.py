@@ -16,8 +16,9 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Sequence
+from typing import Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
 from ..errors import DownloadError, IntegrityError, ModelError
@@ -30,6 +31,7 @@ TIMEOUT = (10, 60)  # connect, read (seconds)
 RETRIES = 3
 BACKOFF = 1.0
 CHUNK = 1 << 16
+LOCK_TIMEOUT = 600.0  # seconds to wait for another process's install
 
 
 def _progress(total: int | None, label: str):
@@ -151,11 +153,23 @@ def _model_folder(tree: Path, archive: Path) -> Path:
     raise DownloadError(f"{archive}: no {MANIFEST_NAME} at the top of the archive or in its single folder")
 
 
-def _lock(root: Path, name: str):
-    from filelock import FileLock
+@contextmanager
+def _lock(root: Path, name: str) -> Iterator[None]:
+    """Hold the per-model install lock; waiting past LOCK_TIMEOUT is a DownloadError."""
+    from filelock import FileLock, Timeout
 
     root.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(root / f".{name}.lock"), timeout=600)
+    path = root / f".{name}.lock"
+    lock = FileLock(str(path), timeout=LOCK_TIMEOUT)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DownloadError(f"{path}: another process has held the install lock for {LOCK_TIMEOUT:.0f} s; "
+                            "if no install is running, delete this file") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def install_folder(folder: Path, root: Path | None = None, expect: tuple[str, str] | None = None) -> ModelSpec:

@@ -239,3 +239,17 @@ def test_damaged_cache_copy_is_reinstalled(server, archive, model_root, tmp_path
     fixed = api.load_model(spec, install=True)  # reinstalled from the mirror
     store.verify(fixed)
     assert server.hits["/tiny.zip"] == 2
+
+
+def test_lock_timeout_is_a_clear_error(model_root, monkeypatch):
+    from filelock import FileLock
+
+    monkeypatch.setattr(download, "LOCK_TIMEOUT", 0.2)
+    holder = FileLock(str(model_root / ".tiny.lock"))
+    holder.acquire()
+    try:
+        with pytest.raises(DownloadError, match="install lock"):
+            with download._lock(model_root, "tiny"):
+                pass
+    finally:
+        holder.release()
