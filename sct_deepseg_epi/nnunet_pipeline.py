@@ -29,8 +29,9 @@ from .registry.nnunet_recipe import ChannelNorm, NnunetRecipe, Resampling
 from .resample_spline import resize, resize_separate_z
 from .tiling import gaussian_weights, pad_amounts, tile_starts
 
-# voxels of network input per ONNX call: 2D tiles are batched, large 3D tiles run one by one
-_BATCH_VOXELS = 1 << 18
+# voxels of network input per ONNX call: small tiles are batched (4 x 128^2), large 3D tiles run one by one;
+# bigger batches are no faster on a CPU and only raise peak memory
+_BATCH_VOXELS = 1 << 16
 
 
 # ---------------------------------------------------------------------------- axes and spacing

@@ -96,6 +96,7 @@ def check_parity(mask, prob_fg, ref_seg, ref_fg, what: str):
     dice = 2 * (a & b).sum() / (a.sum() + b.sum())
     diff = np.abs(prob_fg - ref_fg)
     within = float((diff <= 1e-3).mean())
+    print(f"parity {what}: Dice {dice:.4f}, {within:.4%} within 1e-3, max diff {diff.max():.2g}")  # pytest -s
     assert dice >= 0.99, f"{what}: Dice {dice:.4f}"
     assert within >= 0.999, f"{what}: only {within:.4%} of probabilities within 1e-3 (max diff {diff.max():.3g})"
     return dice, within

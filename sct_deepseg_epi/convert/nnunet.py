@@ -15,6 +15,7 @@ resampling functions, and trainers that nnunetv2 does not ship.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -178,10 +179,13 @@ def _build_network(plans: dict, dataset: dict, configuration: str, trainer_name:
     if trainer_name == "nnUNetTrainer":  # its build_network_architecture is exactly this; skip importing trainers
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                     cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=False,
-                                     deep_supervision=False)
-        return net, n_in, n_out, list(cm.patch_size)
+        try:
+            net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                         cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=False,
+                                         deep_supervision=False)
+            return net, n_in, n_out, list(cm.patch_size)
+        except TypeError:  # an older nnunetv2 with another signature: ask the trainer class below
+            pass
     trainer_cls = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"),
                                               trainer_name, "nnunetv2.training.nnUNetTrainer")
     if trainer_cls is None:
@@ -196,27 +200,35 @@ def _build_network(plans: dict, dataset: dict, configuration: str, trainer_name:
     return net, n_in, n_out, list(cm.patch_size)
 
 
+def _probe(n_in: int, patch: list[int]) -> np.ndarray:
+    """A seeded random input: two patches (proves the batch axis is dynamic) unless they are large."""
+    n = 2 if int(np.prod(patch)) <= 64 ** 3 else 1
+    return np.random.default_rng(0).normal(size=(n, n_in, *patch)).astype(np.float32)
+
+
 def _export(net, n_in: int, patch: list[int], path: Path, opset: int) -> np.ndarray:
     """Export one fold; returns the torch logits on a seeded random patch for the parity check."""
     torch = require("torch")
     import warnings
 
     net.eval()
-    x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, n_in, *patch)).astype(np.float32))
+    x = torch.from_numpy(_probe(n_in, patch))
     with torch.no_grad():
         ref = net(x).numpy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # the TorchScript exporter: no onnxscript needed, and the graph ORT 1.16+ reads
+            legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
             torch.onnx.export(net, x[:1], str(path), input_names=["image"], output_names=["logits"],
                               dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}}, opset_version=opset,
-                              do_constant_folding=True, dynamo=False)
+                              do_constant_folding=True, **legacy)
     return ref
 
 
 def _parity(path: Path, n_in: int, patch: list[int], ref: np.ndarray) -> float:
     import onnxruntime as ort
 
-    x = np.random.default_rng(0).normal(size=(2, n_in, *patch)).astype(np.float32)
+    x = _probe(n_in, patch)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -1,0 +1,173 @@
+"""nnUNetPredictor vs this engine on the same nnU-Net model: speed, peak memory, identical masks.
+
+The model is a realistic EPI plan made by nnU-Net's own planner on synthetic data of
+128 x 128 x 24 voxels at 1 x 1 x 5 mm (3d_fullres: the planned U-Net, 32..320 features,
+patch 24 x 128 x 128; or 2d), 5 folds of random weights, imported with ``import-nnunet``.
+Each engine runs in its own subprocess (so its peak RSS is its own) on the same NIfTI,
+end to end: read the file, preprocess, predict, export, write the mask. Model loading is
+timed separately. Both are limited to the same number of CPU threads.
+
+    python benchmarks/nnunet_benchmark.py                       # 3d_fullres, 2 threads, 3 runs
+    python benchmarks/nnunet_benchmark.py -config 2d -runs 5
+    python benchmarks/nnunet_benchmark.py -workdir /tmp/nnbench  # reuse the built model
+
+Needs the ``nnunet`` extra (torch + nnunetv2) for the reference and the import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPE, ZOOMS = (128, 128, 24), (1.0, 1.0, 5.0)
+
+
+def build(workdir: Path, configuration: str, folds: int) -> tuple[Path, Path, Path]:
+    """(nnU-Net trained folder, imported model folder, test image), built once per workdir."""
+    import torch
+
+    torch.set_num_threads(2)
+    from sct_deepseg_epi.convert.nnunet import import_nnunet
+    from sct_deepseg_epi.convert.nnunet_synthetic import _save, plan_dataset, synthetic_case, write_trained
+
+    trained = workdir / "trained" / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+    model = workdir / f"model_{configuration}"
+    image = workdir / "bold_mean.nii.gz"
+    if not (trained / f"fold_{folds - 1}" / "checkpoint_final.pth").is_file():
+        plans, dj, _ = plan_dataset(workdir / "nnunet", shape=SHAPE, zooms=ZOOMS, n_cases=3)
+        # random weights, scaled at the output so that the masks are neither empty nor full
+        write_trained(workdir / "trained", plans, dj, configuration=configuration, folds=folds, features=None,
+                      logit_scale=4.0)
+    if not (model / "manifest.json").is_file():
+        import_nnunet(trained, model, overwrite=True)
+    if not image.is_file():
+        img, _ = synthetic_case(SHAPE, ZOOMS, seed=99)
+        _save(img, ZOOMS, image)
+    return trained, model, image
+
+
+def worker(engine: str, trained: Path, model: Path, image: Path, out: Path, mirror: bool, runs: int,
+           threads: int) -> dict:
+    """Runs inside the subprocess: load once, then ``runs`` end-to-end segmentations."""
+    times, cpu = [], []
+
+    def cpu_s() -> float:  # CPU time of this process: steadier than wall time on a shared machine
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    t0 = time.perf_counter()
+    if engine == "nnunet":
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        torch.set_num_threads(threads)
+        pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirror,
+                               perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                               verbose_preprocessing=False, allow_tqdm=False)
+        pred.initialize_from_trained_model_folder(str(trained), use_folds=None)
+        load = time.perf_counter() - t0
+        for _ in range(runs):
+            t, c = time.perf_counter(), cpu_s()
+            pred.predict_from_files_sequential([[str(image)]], [str(out.with_name(out.name[:-7]))],
+                                               save_probabilities=False, overwrite=True)
+            times.append(time.perf_counter() - t)
+            cpu.append(cpu_s() - c)
+    else:
+        from sct_deepseg_epi import api
+
+        opts = api.Options(threads=threads, tta=mirror)
+        spec = api.load_model(str(model))
+        api.get_ensemble(spec, opts.device, opts.threads, opts.tta)  # sessions: part of loading
+        load = time.perf_counter() - t0
+        for _ in range(runs):
+            out.unlink(missing_ok=True)
+            t, c = time.perf_counter(), cpu_s()
+            api.run(image, out, model=spec, options=opts)
+            times.append(time.perf_counter() - t)
+            cpu.append(cpu_s() - c)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"engine": engine, "mirror": mirror, "times": times, "cpu": cpu, "load_s": load, "max_rss_mb": rss_mb}
+
+
+def run_worker(args, engine: str, mirror: bool, trained: Path, model: Path, image: Path, out: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               nnUNet_def_n_proc="1")
+    cmd = [sys.executable, __file__, "-worker", engine, "-mirror", str(int(mirror)), "-runs", str(args.runs),
+           "-threads", str(args.threads), "-trained", str(trained), "-model", str(model), "-image", str(image),
+           "-out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{engine} worker failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-config", default="3d_fullres", choices=("3d_fullres", "2d"))
+    ap.add_argument("-folds", type=int, default=5)
+    ap.add_argument("-runs", type=int, default=3)
+    ap.add_argument("-threads", type=int, default=2)
+    ap.add_argument("-mirror", choices=("both", "0", "1"), default="both")
+    ap.add_argument("-workdir", default=None)
+    # internal: one engine in a subprocess
+    ap.add_argument("-worker", choices=("nnunet", "ours"), help=argparse.SUPPRESS)
+    for k in ("trained", "model", "image", "out"):
+        ap.add_argument(f"-{k}", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        res = worker(args.worker, Path(args.trained), Path(args.model), Path(args.image), Path(args.out),
+                     args.mirror == "1", args.runs, args.threads)
+        print(json.dumps(res))
+        return 0
+
+    import nibabel as nib
+    import numpy as np
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nnunet-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    trained, model, image = build(workdir, args.config, args.folds)
+    mirrors = {"both": (False, True), "0": (False,), "1": (True,)}[args.mirror]
+    rows = []
+    for mirror in mirrors:
+        res = {}
+        for engine in ("nnunet", "ours"):
+            out = workdir / f"{engine}_m{int(mirror)}.nii.gz"
+            res[engine] = run_worker(args, engine, mirror, trained, model, image, out)
+            res[engine]["mask"] = np.asarray(nib.load(str(out)).dataobj)
+        a, b = res["nnunet"]["mask"], res["ours"]["mask"]
+        diff = int((a != b).sum())
+        fg = (a > 0).sum() + (b > 0).sum()
+        dice = 2 * float(((a > 0) & (b > 0)).sum()) / fg if fg else 1.0
+        rows.append((mirror, res, diff, dice, float((a > 0).mean())))
+
+    print(f"\nmodel: nnU-Net {args.config}, {args.folds} folds, image {SHAPE} at {ZOOMS} mm, "
+          f"{args.threads} threads, median of {args.runs} end-to-end runs (file in -> mask file out)")
+    print(f"{'mirroring':<10} {'engine':<8} {'wall s':>7} {'min s':>6} {'CPU s':>7} {'load s':>7} "
+          f"{'peak RSS MB':>11} {'wall x':>7} {'CPU x':>6} {'RSS':>5}  mask vs nnU-Net")
+    for mirror, res, diff, dice, frac in rows:
+        n, o = res["nnunet"], res["ours"]
+        for e, r in (("nnunet", n), ("ours", o)):
+            wall, cpu = statistics.median(r["times"]), statistics.median(r["cpu"])
+            if e == "ours":
+                ratios = (f"{statistics.median(n['times']) / wall:6.2f}x {statistics.median(n['cpu']) / cpu:5.2f}x "
+                          f"{r['max_rss_mb'] / n['max_rss_mb']:5.2f}")
+                same = (f"{'identical' if diff == 0 else f'{diff} voxels differ'} (Dice {dice:.4f}, "
+                        f"cord {frac:.1%} of voxels)")
+            else:
+                ratios, same = f"{'':>7} {'':>6} {'':>5}", ""
+            print(f"{'on' if mirror else 'off':<10} {e:<8} {wall:7.2f} {min(r['times']):6.2f} {cpu:7.2f} "
+                  f"{r['load_s']:7.2f} {r['max_rss_mb']:11.0f} {ratios}  {same}")
+    print("wall s / CPU s: median per end-to-end run; load s: imports excluded, model and sessions loaded once;"
+          " x: nnU-Net / ours; RSS: ours / nnU-Net")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
