@@ -26,7 +26,7 @@ from .preprocess import Prepared, model_grid_shape, prepare, restore, roi_around
 from .read import Volume, from_image, read_volume
 from .registry import download, store
 from .registry.manifest import ModelSpec, load_manifest
-from .write import FrameWriter, check_output, default_output, derived_path, file_sha256, like, save_json, save_nifti, sidecar_path
+from .write import FrameWriter, check_output, default_output, derived_path, like, save_json, save_nifti, sidecar_path
 
 log = logging.getLogger(__name__)
 Mode4D = Literal["mean", "each"]
@@ -341,7 +341,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         _warn_if_empty(warnings, vol.source, np.zeros(1))
     ens = get_ensemble(spec, options.device, options.threads, options.tta)
     prov = provenance(spec, replace(options, threshold=0 if soft_main else options.threshold), ens.provider,
-                      str(input_path), timings, warnings, input_sha256=file_sha256(input_path))
+                      str(input_path), timings, warnings, input_sha256=store.sha256_file(input_path))
     prov["cord_voxels"] = n_cord
     prov["outputs"] = {k: Path(p).name for k, p in targets.items()}
     timings["total"] = time.perf_counter() - t0

@@ -233,7 +233,8 @@ def _process(job: Job, rec: Record) -> None:
 
 def _segment_locked(job: Job, rec: Record) -> None:
     from . import api
-    from .write import file_sha256, save_json, sidecar_path
+    from .registry.store import sha256_file as file_sha256
+    from .write import save_json, sidecar_path
 
     out = job.outputs
     # leftovers of a process killed while writing this run; we hold its lock, so nobody else is

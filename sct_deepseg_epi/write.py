@@ -8,7 +8,6 @@ changed: the affine, the qform and sform matrices and their codes are kept exact
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import tempfile
@@ -175,14 +174,6 @@ class FrameWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_json(data: dict[str, Any], path: Path | str) -> Path:

@@ -13,7 +13,6 @@ the same inputs.
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..errors import InputError
 from ..preprocess import _pad_amounts, prepare, resample_inplane
 from ..read import has_nifti_suffix, read_volume, strip_nifti_suffix
 from ..registry.manifest import ModelSpec
+from ..registry.store import sha256_file
 from .simulate import SimConfig, Simulated, Source, scale_intensity, simulate
 
 _LABEL_RE = re.compile(r"_(seg|mask)(?=[-_.]|$)", re.IGNORECASE)
@@ -103,14 +103,6 @@ def discover(source: Path | str, roles: tuple[str, ...] = ("train-source",)) -> 
     if not pairs:
         raise InputError(f"{source}: no image/label pairs found (labels are named *_seg* or *_mask*)")
     return pairs
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_source(pair: Pair) -> Source:
@@ -251,7 +243,7 @@ def load_sources(data: Path | str, roles: tuple[str, ...] = ("train-source",)) -
     sources = []
     for p in pairs:
         s = load_source(p)
-        s.meta["sha256"] = p.sha256 or sha256_of(p.image)
-        s.meta["mask_sha256"] = sha256_of(p.mask)
+        s.meta["sha256"] = p.sha256 or sha256_file(p.image)
+        s.meta["mask_sha256"] = sha256_file(p.mask)
         sources.append(s)
     return sources, pairs

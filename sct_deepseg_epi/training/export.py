@@ -7,7 +7,6 @@ it is validated) and a ``README.md`` model card.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from .._optional import require
 from ..errors import ModelError
+from ..registry.store import sha256_file
 from ..registry.manifest import SCHEMA_VERSION, ModelSpec, load_manifest, spec_to_dict, write_manifest
 from .net import NetConfig, UNet, fold_batchnorm
 
@@ -66,14 +66,6 @@ def parity(model, path: Path, in_channels: int, multiple: int, seed: int = 0) ->
     if not worst <= PARITY_TOL:
         raise ModelError(f"{path}: ONNX/torch parity failed: max abs diff {worst:.3g} > {PARITY_TOL:g}")
     return worst
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_model(models: list, out_dir: Path, spec: ModelSpec, *, name: str, version: str, description: str,
