@@ -294,15 +294,15 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
     both = resample(np.concatenate([logits, std]), cropped_shape, target, spacing_t, rule,
                     recipe.anisotropy_threshold)
     logits, std = both[:-1], both[-1]
-    if half and both.shape[1:] != tuple(new_shape):
+    if half:
         logits = _half(logits)  # nnU-Net's resampling writes back into its float16 array
     probs = _nonlin(logits, regions)
     if regions:
         seg = np.zeros(cropped_shape, np.uint8)
         for i, c in enumerate(recipe.regions_class_order):  # type: ignore[arg-type]
             seg[probs[i] > 0.5] = c
-    else:
-        seg = probs.argmax(axis=0).astype(np.uint8)
+    else:  # argmax of the logits, as nnU-Net's file export takes it (no softmax rounding ties)
+        seg = logits.argmax(axis=0).astype(np.uint8)
     full_probs = np.zeros((probs.shape[0], *full_shape), np.float32)
     if not regions:
         full_probs[0] = 1.0

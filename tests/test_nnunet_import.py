@@ -265,3 +265,27 @@ def test_no_model_in_source_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no nnU-Net model here"):
         import_nnunet(tmp_path / "empty", tmp_path / "m")
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling would call print(): a stand-in for arbitrary code
+        return (print, ("this checkpoint ran code",))
+
+
+def test_checkpoints_load_without_running_code(tmp_path, capsys):
+    from sct_deepseg_epi.convert.nnunet import load_checkpoint
+
+    torch.save({"x": _RunsCode()}, tmp_path / "evil.pth")
+    with pytest.raises(ModelError, match="cannot load this checkpoint safely"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert "ran code" not in capsys.readouterr().out
+    # numpy floats in training logs load, also when written under numpy 1 (numpy.core.multiarray)
+    torch.save({"logging": [np.float64(0.5)], "w": torch.zeros(2)}, tmp_path / "np2.pth")
+    with zipfile.ZipFile(tmp_path / "np2.pth") as zin, zipfile.ZipFile(tmp_path / "np1.pth", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(info, data)
+    for name in ("np2.pth", "np1.pth"):
+        assert load_checkpoint(tmp_path / name)["logging"] == [0.5]

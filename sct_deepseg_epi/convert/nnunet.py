@@ -76,15 +76,20 @@ def load_checkpoint(path: Path) -> dict:
     unpickled with code execution.
     """
     torch = require("torch")
-    allowed = [np.dtype, np.float64, np.float32, np.int64]
-    try:
-        allowed.append(np._core.multiarray.scalar)  # type: ignore[attr-defined]
-    except AttributeError:  # numpy < 2
-        allowed.append(np.core.multiarray.scalar)  # type: ignore[attr-defined]
+    allowed: list = [np.dtype, np.float64, np.float32, np.int64]
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64)]
+    core = getattr(np, "_core", None)
+    if core is not None:  # numpy 2; checkpoints written under numpy 1 name its scalar numpy.core.multiarray.scalar
+        allowed += [core.multiarray.scalar, (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
+    else:
+        allowed.append(np.core.multiarray.scalar)  # type: ignore[attr-defined]
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(str(path), map_location="cpu", weights_only=True)
+        except TypeError:  # a torch without (object, name) aliases
+            with torch.serialization.safe_globals([a for a in allowed if not isinstance(a, tuple)]):
+                return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler raises plain UnpicklingError/RuntimeError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: cannot load this checkpoint safely (weights_only): {first}") from None
