@@ -193,9 +193,11 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
     ens = get_ensemble(spec, options.device, options.threads, options.tta)
     post = options.post(spec)
     if vol.is_4d and options.mode_4d == "each":
-        mean_mask, _, _ = _segment_ras(vol.data, vol, ens, post, timings, localise=options.localise)
-        model_xy = model_grid_shape(vol.data.shape[:2], vol.zooms[:2], spec.spacing_mm)
-        roi = roi_around(mean_mask, spec, model_xy, ROI_MARGIN_MM)
+        roi = None
+        if spec.nnunet is None:  # nnU-Net's recipe always runs on the whole field
+            mean_mask, _, _ = _segment_ras(vol.data, vol, ens, post, timings, localise=options.localise)
+            model_xy = model_grid_shape(vol.data.shape[:2], vol.zooms[:2], spec.spacing_mm)
+            roi = roi_around(mean_mask, spec, model_xy, ROI_MARGIN_MM)
         for frame in vol.iter_frames():
             yield _frame(vol, *_segment_ras(frame, vol, ens, post, timings, roi))
     else:

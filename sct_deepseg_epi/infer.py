@@ -50,25 +50,28 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def new_session(path: Path, providers: Sequence[str], threads: int):
+    """An InferenceSession for one member file, set up for low memory and a fixed thread count."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    # the arena keeps the largest batch's buffers for the life of the process; off keeps RSS low
+    opts.enable_cpu_mem_arena = False
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as exc:  # ORT raises its own untyped errors for bad graphs
+        raise ModelError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
+
+
 def get_session(path: Path, providers: Sequence[str], threads: int):
-    """A cached InferenceSession for one member file."""
+    """The process-wide cached session for one member file."""
     key = (str(path), tuple(providers), threads)
-    sess = _SESSIONS.get(key)
-    if sess is None:
-        ort = _ort()
-        opts = ort.SessionOptions()
-        # the arena keeps the largest batch's buffers for the life of the process; off keeps RSS low
-        opts.enable_cpu_mem_arena = False
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
-        except Exception as exc:  # ORT raises its own untyped errors for bad graphs
-            raise ModelError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
-        _SESSIONS[key] = sess
-    return sess
+    if key not in _SESSIONS:
+        _SESSIONS[key] = new_session(path, providers, threads)
+    return _SESSIONS[key]
 
 
 def clear_sessions() -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation
 
 from .errors import ModelError
+from .infer import default_threads, get_session, new_session, providers_for
 from .postprocess import PostOptions, fill_holes, keep_largest, label, remove_small
 from .registry.manifest import ModelSpec, parse_size
 from .registry.nnunet_recipe import ChannelNorm, NnunetRecipe, Resampling
@@ -326,22 +327,6 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
 KEEP_SESSIONS_MB = 256
 
 
-def _session(path, providers: Sequence[str], threads: int):
-    from .infer import _ort
-
-    ort = _ort()
-    opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = False
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
-    except Exception as exc:  # ORT raises its own untyped errors for bad graphs
-        raise ModelError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
-
-
 class NnunetRunner:
     """The ONNX members of an imported nnU-Net model, driven by the recipe in its manifest.
 
@@ -350,8 +335,6 @@ class NnunetRunner:
     """
 
     def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True):
-        from .infer import default_threads, get_session, providers_for
-
         if spec.nnunet is None:
             raise ModelError(f"model {spec.ref} has no nnunet section")
         self.spec = spec
@@ -371,7 +354,7 @@ class NnunetRunner:
             yield from self._kept
             return
         for p in self.paths:
-            yield _session(p, self.providers, self.threads)
+            yield new_session(p, self.providers, self.threads)
 
     def predict(self, data_ras: np.ndarray, vol, timings: dict[str, float] | None = None):
         """Labels, foreground probability and disagreement on the RAS grid of ``vol``."""

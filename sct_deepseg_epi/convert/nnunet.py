@@ -14,7 +14,6 @@ resampling functions, and trainers that nnunetv2 does not ship.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -30,7 +29,8 @@ import numpy as np
 from .._optional import require
 from ..errors import ModelError
 from ..registry import download
-from ..registry.manifest import MANIFEST_NAME, load_manifest, write_manifest
+from ..registry.manifest import load_manifest, write_manifest
+from ..registry.store import sha256_file
 from ..registry.nnunet_recipe import IMAGE_READERS, NORMALISATIONS
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,6 @@ def find_trained_folders(root: Path, checkpoint: str = CHECKPOINT) -> list[Train
         if folds:
             found.append(TrainedFolder(d, folds))
     return found
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -332,10 +324,10 @@ def import_nnunet(source: str | Path, output: str | Path, *, configuration: str 
                     raise ModelError(f"fold {fold}: ONNX Runtime differs from torch by {diff:.3g} (logits); "
                                      "refusing to write a model that does not match")
                 log.info("fold %s: exported, max |torch - onnxruntime| = %.2g", fold, diff)
-                members.append({"file": onnx_path.name, "sha256": _sha256(onnx_path),
+                members.append({"file": onnx_path.name, "sha256": sha256_file(onnx_path),
                                 "size": onnx_path.stat().st_size})
                 sources.append({"fold": fold, "checkpoint": f"fold_{fold}/{checkpoint}",
-                                "sha256": _sha256(path), "parity_max_abs_logit_diff": diff})
+                                "sha256": sha256_file(path), "parity_max_abs_logit_diff": diff})
                 del ck
             first = None
             manifest = _manifest(plans, dataset, recipe, cfg_name, trainer, members, sources, n_out,

@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
