@@ -39,8 +39,11 @@ def get_parser() -> Parser:
     o.add_argument("-size", metavar="<mm>", type=float, default=DEFAULT_DIAMETER_MM,
                    help=f"Diameter of the moco mask cylinder in mm (default: {DEFAULT_DIAMETER_MM:g}).")
     o.add_argument("-template", metavar="<folder>", help="PAM50 folder (default: $SCT_DIR/data/PAM50).")
-    o.add_argument("-initwarp", metavar="<file>", help="Template->anatomy warp of this subject (e.g. warp_template2t2s.nii.gz).")
-    o.add_argument("-initwarpinv", metavar="<file>", help="Anatomy->template warp (e.g. warp_t2s2template.nii.gz).")
+    o.add_argument("-initwarp", "-t2-warp", dest="initwarp", metavar="<file>",
+                   help="Template->anatomy warp of this subject from its T2/T2* registration "
+                        "(e.g. warp_template2t2s.nii.gz); -t2-warp is the same flag.")
+    o.add_argument("-initwarpinv", "-t2-warpinv", dest="initwarpinv", metavar="<file>",
+                   help="Anatomy->template warp (e.g. warp_t2s2template.nii.gz); -t2-warpinv is the same flag.")
     o.add_argument("-param", metavar="<steps>", default=DEFAULT_REG_PARAM,
                    help=f"sct_register_multimodal -param for the template registration (default: {DEFAULT_REG_PARAM}).")
     o.add_argument("-qc", metavar="<folder>", help="SCT QC report folder for the SCT steps.")
