@@ -4,13 +4,16 @@
     python benchmarks/engine_benchmark.py [-model seg_sc_epi] [-runs 5] [-quick]
 
 Each run is a fresh ``python -m sct_deepseg_epi`` process, as a user or a batch script
-starts it; max RSS comes from the kernel's accounting of that child (os.wait4). Images are
+starts it; max RSS comes from the kernel's accounting of that child (os.wait4). A forked
+child starts with its parent's resident pages counted, so this script keeps its own process
+small: the images are made, and the model is described, by a helper subprocess. Images are
 synthetic EPI phantoms at 1 x 1 x 5 mm (so larger matrices are not shrunk by resampling,
 the worst case). Prints a table of medians.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -19,11 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 
 
 def make_inputs(folder: Path, quick: bool) -> list[tuple[str, Path, list[str]]]:
+    import nibabel as nib
+    import numpy as np
+
     from sct_deepseg_epi.phantom import make_phantom
 
     cases = []
@@ -66,15 +70,24 @@ def main(argv=None) -> int:
     ap.add_argument("-runs", type=int, default=5)
     ap.add_argument("-quick", action="store_true", help="small cases only (a 30-volume series)")
     ap.add_argument("-extra", nargs=argparse.REMAINDER, default=[], help="more flags for every run, e.g. -tta 0")
+    ap.add_argument("-make-inputs", metavar="DIR", help=argparse.SUPPRESS)  # the helper subprocess
     args = ap.parse_args(argv)
-    from sct_deepseg_epi.api import load_model
+    if args.make_inputs:
+        from sct_deepseg_epi.api import load_model
 
-    spec = load_model(args.model)
-    print(f"model {spec.ref}: {len(spec.members)} members, spacing {spec.spacing_mm} mm, "
-          f"{sum(p.stat().st_size for p in spec.member_paths()) / 1e6:.1f} MB; cpus {os.cpu_count()}; "
-          f"{args.runs} runs per case; flags {' '.join(args.extra) or '(defaults)'}")
+        spec = load_model(args.model)
+        cases = make_inputs(Path(args.make_inputs), args.quick)
+        print(json.dumps({"model": f"{spec.ref}: {len(spec.members)} members, spacing {spec.spacing_mm} mm, "
+                                   f"{sum(p.stat().st_size for p in spec.member_paths()) / 1e6:.1f} MB",
+                          "cases": [(label, str(p), flags) for label, p, flags in cases]}))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        cases = make_inputs(Path(tmp), args.quick)
+        made = subprocess.run([sys.executable, __file__, "-model", args.model, "-make-inputs", tmp]
+                              + (["-quick"] if args.quick else []), capture_output=True, text=True, check=True)
+        info = json.loads(made.stdout)
+        cases = [(label, Path(p), flags) for label, p, flags in info["cases"]]
+        print(f"model {info['model']}; cpus {os.cpu_count()}; {args.runs} runs per case; "
+              f"flags {' '.join(args.extra) or '(defaults)'}")
         print(f"| {'case':<28} | {'median s':>8} | {'min s':>6} | {'max s':>6} | {'peak MiB':>8} |")
         print(f"|{'-' * 30}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 10}|")
         for label, path, flags in cases:

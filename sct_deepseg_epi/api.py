@@ -31,7 +31,7 @@ from .write import FrameWriter, check_output, default_output, derived_path, like
 log = logging.getLogger(__name__)
 Mode4D = Literal["mean", "each"]
 _ENSEMBLES: dict[tuple, Ensemble] = {}
-ROI_MARGIN_MM = 24.0  # -4d each: margin around the mean's cord; covers breathing and motion
+ROI_MARGIN_MM = 12.0  # margin around the cord found first: covers motion and keeps CSF/tissue context
 
 
 def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: bool = True) -> ModelSpec:

@@ -21,6 +21,7 @@ from .registry.manifest import ModelSpec
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 _SESSIONS: dict[tuple, object] = {}
+PIXELS_PER_CALL = 1 << 19  # input pixels per ONNX Runtime call (about 60 MB of activations)
 
 
 def _ort():
@@ -128,7 +129,7 @@ class Ensemble:
             acc += np.flip(p, axis=tuple(a + 1 for a in f)) if f else p
         return acc / len(flips)
 
-    def predict(self, batch: np.ndarray, chunk: int = 16, quick: bool = False) -> Probabilities:
+    def predict(self, batch: np.ndarray, quick: bool = False) -> Probabilities:
         """(Z, C, H, W) -> mean probability and member disagreement (std), each (Z, H, W).
 
         ``quick`` runs the first member alone without flips: a cheap pass to find the cord.
@@ -138,9 +139,11 @@ class Ensemble:
         sessions = self.sessions[:1] if quick else self.sessions
         flips = [()] if quick else self.flips
         z = batch.shape[0]
+        # slices per call: large enough to keep the cores busy on small regions, small enough
+        # to bound activation memory on large fields of view
+        chunk = max(1, PIXELS_PER_CALL // (batch.shape[2] * batch.shape[3] * len(flips)))
         mean = np.zeros((z,) + batch.shape[2:], np.float32)
         sq = np.zeros_like(mean)
-        # chunks of slices bound the activation memory for large fields of view
         for s in range(0, z, chunk):
             part = batch[s:s + chunk]
             for sess in sessions:
