@@ -248,15 +248,7 @@ def task_help() -> str:
 
 def run_task(argv: list[str], prog: str = f"sct_deepseg {TASK}") -> int:
     """Run the task with this package's segmentation command line; returns the exit status."""
-    from .cli import segment
-    from .errors import EpiSegError
+    from .cli import call, segment
 
     parser = segment.get_parser(prog=prog, description=task_help(), epilog="")
-    try:
-        return int(segment.main(argv, parser=parser) or 0)
-    except EpiSegError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
+    return call(lambda args: segment.main(args, parser=parser), list(argv))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 # command name -> module (relative to this package) and one-line summary
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,19 +30,23 @@ def commands_epilog() -> str:
     return "commands (sct_deepseg_epi COMMAND -h for each):\n" + "\n".join(lines)
 
 
-def run(module: str, argv: list[str]) -> int:
-    """Run one command module's main(), turning library errors into one line and exit 1."""
+def call(main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Call a command's main(), turning library errors into one line and exit 1."""
     from ..errors import EpiSegError
 
-    mod = importlib.import_module(module, __name__)
     try:
-        return int(mod.main(argv) or 0)
+        return int(main_fn(argv) or 0)
     except EpiSegError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+
+
+def run(module: str, argv: list[str]) -> int:
+    """Run one command module's main() through :func:`call`."""
+    return call(importlib.import_module(module, __name__).main, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
