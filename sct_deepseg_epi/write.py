@@ -103,18 +103,14 @@ def output_header(ref: nib.Nifti1Image, shape: tuple[int, ...], dtype: np.dtype)
     return hdr
 
 
-def _image(arr: np.ndarray, ref: nib.Nifti1Image) -> nib.Nifti1Image:
+def like(arr: np.ndarray, ref: nib.Nifti1Image) -> nib.Nifti1Image:
+    """An in-memory image of ``arr`` on the grid of ``ref`` (same header geometry)."""
     hdr = output_header(ref, arr.shape, arr.dtype)
     img = type(ref)(arr, None, header=hdr)
     # nibabel rebuilds the affine from the header; copy the codes again so nothing is reinterpreted
     img.set_qform(ref.header.get_qform(), int(ref.header["qform_code"]))
     img.set_sform(ref.header.get_sform(), int(ref.header["sform_code"]))
     return img
-
-
-def like(arr: np.ndarray, ref: nib.Nifti1Image) -> nib.Nifti1Image:
-    """An in-memory image of ``arr`` on the grid of ``ref`` (same header geometry)."""
-    return _image(arr, ref)
 
 
 def save_nifti(img: nib.Nifti1Image, path: Path | str) -> Path:

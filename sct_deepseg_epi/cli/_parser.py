@@ -32,6 +32,18 @@ def yes_no(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0 or 1, not {text!r}")
 
 
+def add_engine_flags(group) -> None:
+    """Flags that choose the model and how it runs, shared by the commands that segment."""
+    group.add_argument("-model", metavar="<name[@version]>", default="seg_sc_epi",
+                       help="Model to use (default: seg_sc_epi, latest version). A model folder also works.")
+    group.add_argument("-4d", dest="mode_4d", choices=("mean", "each"), default="mean",
+                       help="4D input: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).")
+    group.add_argument("-tta", metavar="<0|1>", type=yes_no, default=True,
+                       help="Flip test-time augmentation (default 1; 0 is faster).")
+    group.add_argument("-device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="Where to run (default: auto; cuda needs onnxruntime-gpu).")
+
+
 def setup_logging(verbosity: int) -> None:
     level = {0: logging.ERROR, 1: logging.INFO, 2: logging.DEBUG}[verbosity]
     root = logging.getLogger("sct_deepseg_epi")

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Sequence
 
-from ._parser import Parser, setup_logging, yes_no
+from ._parser import Parser, add_engine_flags, setup_logging, yes_no
 
 log = logging.getLogger("sct_deepseg_epi")
 
@@ -59,20 +59,13 @@ def get_parser() -> Parser:
     o.add_argument("-scheduler", metavar="<address|local>", default=None,
                    help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or 'local' "
                         "for a local cluster of -jobs workers. Needs: pip install 'sct_deepseg_epi[dask]'.")
-    o.add_argument("-model", metavar="<name[@version]>", default="seg_sc_epi",
-                   help="Model to use (default: seg_sc_epi, latest version). A model folder also works.")
+    add_engine_flags(o)
     o.add_argument("-thr", metavar="<float>", type=_threshold, default=None,
                    help="Binarisation threshold (default: the model's).")
-    o.add_argument("-4d", dest="mode_4d", choices=("mean", "each"), default="mean",
-                   help="4D runs: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).")
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the probability map (*_desc-spinalcord_probseg.nii.gz).")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the ensemble disagreement (*_desc-spinalcord_disagreement.nii.gz).")
-    o.add_argument("-tta", metavar="<0|1>", type=yes_no, default=True,
-                   help="Flip test-time augmentation (default 1; 0 is faster).")
-    o.add_argument("-device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="Where to run (default: auto; cuda needs onnxruntime-gpu).")
     o.add_argument("-overwrite", metavar="<0|1>", type=yes_no, nargs="?", const=True, default=False,
                    help="Redo runs whose outputs are up to date (default 0: skip them; "
                         "-overwrite alone means 1).")

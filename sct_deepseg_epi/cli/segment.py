@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Sequence
 
-from ._parser import Parser, setup_logging, yes_no
+from ._parser import Parser, add_engine_flags, setup_logging, yes_no
 
 log = logging.getLogger("sct_deepseg_epi")
 
@@ -33,8 +33,7 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
     p.mandatory.add_argument("-i", metavar="<file>", help="Input EPI image, 3D or 4D (.nii or .nii.gz).")
     o = p.optional
     o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input.")
-    o.add_argument("-model", metavar="<name[@version]>", default="seg_sc_epi",
-                   help="Model to use (default: seg_sc_epi, latest version). A model folder also works.")
+    add_engine_flags(o)
     o.add_argument("-thr", metavar="<float>", type=_threshold, default=None,
                    help="Binarisation threshold on the ensemble probability (default: the model's). "
                         "0 writes the soft probability map instead of a mask.")
@@ -44,19 +43,13 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
                    help="Fill holes in each axial slice (default: the model's, 1).")
     o.add_argument("-remove-small", metavar="<N[vox|mm3]>", default=None,
                    help="Remove objects smaller than N voxels or mm3 (default: the model's).")
-    o.add_argument("-4d", dest="mode_4d", choices=("mean", "each"), default="mean",
-                   help="4D input: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).")
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the soft probability map as IN_seg_soft.nii.gz.")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the ensemble disagreement (std of members) as IN_seg_disagreement.nii.gz.")
-    o.add_argument("-tta", metavar="<0|1>", type=yes_no, default=True,
-                   help="Flip test-time augmentation (default 1; 0 is faster).")
     o.add_argument("-roi", metavar="<0|1>", type=yes_no, default=True,
                    help="Find the cord with a quick first pass, then run the ensemble on a region around it "
                         "(default 1; 0 runs the ensemble on the whole field, slower).")
-    o.add_argument("-device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="Where to run: cuda needs onnxruntime-gpu (default: auto).")
     o.add_argument("-threads", metavar="<int>", type=int, default=None,
                    help="CPU threads for inference (default: all CPUs available to this process).")
     o.add_argument("-qc", metavar="<folder>",
