@@ -97,8 +97,9 @@ def worker(engine: str, trained: Path, model: Path, image: Path, out: Path, mirr
 
 
 def run_worker(args, engine: str, mirror: bool, trained: Path, model: Path, image: Path, out: Path) -> dict:
+    # nnU-Net caps torch's threads at nnUNet_def_n_proc while it predicts: it must be the same count
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               nnUNet_def_n_proc="1")
+               nnUNet_def_n_proc=str(args.threads))
     cmd = [sys.executable, __file__, "-worker", engine, "-mirror", str(int(mirror)), "-runs", str(args.runs),
            "-threads", str(args.threads), "-trained", str(trained), "-model", str(model), "-image", str(image),
            "-out", str(out)]
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
 
     print(f"\nmodel: nnU-Net {args.config}, {args.folds} folds, image {SHAPE} at {ZOOMS} mm, "
           f"{args.threads} threads, median of {args.runs} end-to-end runs (file in -> mask file out)")
-    print(f"{'mirroring':<10} {'engine':<8} {'wall s':>7} {'min s':>6} {'CPU s':>7} {'cold s':>7} "
+    print(f"{'mirroring':<10} {'engine':<8} {'wall s':>7} {'min s':>6} {'CPU s':>7} {'cores':>5} {'cold s':>7} "
           f"{'peak RSS MB':>11} {'wall x':>7} {'CPU x':>6} {'cold x':>6} {'RSS':>5}  mask vs nnU-Net")
     for mirror, res, diff, dice, frac in rows:
         n, o = res["nnunet"], res["ours"]
@@ -168,9 +169,10 @@ def main(argv=None) -> int:
             else:
                 ratios, same = f"{'':>7} {'':>6} {'':>6} {'':>5}", ""
             print(f"{'on' if mirror else 'off':<10} {e:<8} {wall:7.2f} {min(r['times']):6.2f} {cpu:7.2f} "
-                  f"{r['cold_s']:7.2f} {r['max_rss_mb']:11.0f} {ratios}  {same}")
+                  f"{cpu / wall:5.2f} {r['cold_s']:7.2f} {r['max_rss_mb']:11.0f} {ratios}  {same}")
     print("wall s / CPU s: median per end-to-end run with the model loaded; cold s: a fresh process's first image"
-          " (start-up, imports, model loading, one run); x: nnU-Net / ours; RSS: peak, ours / nnU-Net")
+          " (start-up, imports, model loading, one run); cores: CPU s / wall s, the cores each engine kept busy;"
+          " x: nnU-Net / ours; RSS: peak, ours / nnU-Net")
     return 0
 
 

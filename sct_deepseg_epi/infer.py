@@ -21,6 +21,7 @@ from .registry.manifest import ModelSpec
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 _SESSIONS: dict[tuple, object] = {}
+_SHARED_ARENA = False
 PIXELS_PER_CALL = 1 << 19  # input pixels per ONNX Runtime call (about 60 MB of activations)
 
 
@@ -51,12 +52,31 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def new_session(path: Path, providers: Sequence[str], threads: int):
-    """An InferenceSession for one member file, set up for low memory and a fixed thread count."""
+def _register_shared_arena(ort) -> None:
+    """Once per process: a CPU arena that the sessions asking for it share (see new_session)."""
+    global _SHARED_ARENA
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # grow by what is asked, not in powers of two: the arena then holds one pass's activations
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        _SHARED_ARENA = True
+
+
+def new_session(path: Path, providers: Sequence[str], threads: int, *, shared_arena: bool = False):
+    """An InferenceSession for one member file, set up for low memory and a fixed thread count.
+
+    By default a session has no memory arena, so a small model's process stays small.
+    ``shared_arena`` is for large networks whose sessions come and go (streamed nnU-Net
+    folds): their activations, hundreds of MB per pass, then reuse one process-wide arena
+    instead of fresh pages that the kernel must fault in and zero on every pass.
+    """
     ort = _ort()
     opts = ort.SessionOptions()
     # the arena keeps the largest batch's buffers for the life of the process; off keeps RSS low
-    opts.enable_cpu_mem_arena = False
+    opts.enable_cpu_mem_arena = shared_arena
+    if shared_arena:
+        _register_shared_arena(ort)
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
@@ -67,11 +87,11 @@ def new_session(path: Path, providers: Sequence[str], threads: int):
         raise ModelError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
 
 
-def get_session(path: Path, providers: Sequence[str], threads: int):
+def get_session(path: Path, providers: Sequence[str], threads: int, *, shared_arena: bool = False):
     """The process-wide cached session for one member file."""
-    key = (str(path), tuple(providers), threads)
+    key = (str(path), tuple(providers), threads, shared_arena)
     if key not in _SESSIONS:
-        _SESSIONS[key] = new_session(path, providers, threads)
+        _SESSIONS[key] = new_session(path, providers, threads, shared_arena=shared_arena)
     return _SESSIONS[key]
 
 

@@ -345,7 +345,8 @@ class NnunetRunner:
         self.paths = spec.member_paths()
         size_mb = sum(p.stat().st_size for p in self.paths) / 2 ** 20
         self.keep = size_mb <= KEEP_SESSIONS_MB
-        self._kept = [get_session(p, self.providers, self.threads) for p in self.paths] if self.keep else None
+        self._kept = ([get_session(p, self.providers, self.threads, shared_arena=True) for p in self.paths]
+                      if self.keep else None)
         self.provider = (self._kept[0].get_providers()[0] if self._kept else self.providers[0])
 
     def sessions(self):
@@ -354,7 +355,7 @@ class NnunetRunner:
             yield from self._kept
             return
         for p in self.paths:
-            yield new_session(p, self.providers, self.threads)
+            yield new_session(p, self.providers, self.threads, shared_arena=True)
 
     def predict(self, data_ras: np.ndarray, vol, timings: dict[str, float] | None = None):
         """Labels, foreground probability and disagreement on the RAS grid of ``vol``."""

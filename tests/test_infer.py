@@ -41,6 +41,20 @@ def test_sessions_are_cached(tmp_path):
     assert get_session(path, ["CPUExecutionProvider"], 1) is get_session(path, ["CPUExecutionProvider"], 1)
 
 
+def test_shared_arena_sessions_come_and_go_with_the_same_results(tmp_path):
+    from sct_deepseg_epi.infer import new_session
+
+    spec = load_manifest(make_model_folder(tmp_path / "m", members=((2.0, -1.0), (0.5, 0.3))))
+    x = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
+    for path in spec.member_paths():
+        plain = new_session(path, ["CPUExecutionProvider"], 1).run(None, {"image": x})[0]
+        for _ in range(2):  # the process-wide arena is registered once and outlives each session
+            sess = new_session(path, ["CPUExecutionProvider"], 1, shared_arena=True)
+            assert sess.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+            assert np.array_equal(sess.run(None, {"image": x})[0], plain)
+            del sess
+
+
 def test_cuda_unavailable_is_a_clear_error():
     import onnxruntime as ort
 

@@ -227,6 +227,31 @@ def test_running_an_imported_model_needs_neither_torch_nor_nnunetv2(planned, tmp
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_4d_each_runs_every_volume_whole_and_nothing_else(planned, tmp_path, monkeypatch):
+    from sct_deepseg_epi.nnunet_pipeline import NnunetRunner
+
+    root, plans, dj, raw = planned
+    folder = write_trained(tmp_path / "trained", plans, dj, configuration="2d", folds=1, patch_size=[24, 24],
+                           logit_scale=4.0)
+    model = import_nnunet(folder, tmp_path / "model")
+    vols = [synthetic_case((37, 33, 7), (1.1, 0.9, 4.4), seed)[0] for seed in (11, 12, 13)]
+    series = np.stack(vols, axis=-1).astype(np.float32)
+    aff = np.diag([1.1, 0.9, 4.4, 1.0])
+    image = tmp_path / "bold.nii.gz"
+    nib.save(nib.Nifti1Image(series, aff), str(image))
+    calls = []
+    real = NnunetRunner.predict
+    monkeypatch.setattr(NnunetRunner, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    seg = api.segment(image, model=str(model), threads=1, mode_4d="each")
+    assert len(calls) == 3  # one whole-field pass per volume; no temporal-mean pass
+    masks = np.asarray(seg.mask.dataobj)
+    assert masks.shape == series.shape
+    for t, vol in enumerate(vols):
+        nib.save(nib.Nifti1Image(vol.astype(np.float32), aff), str(tmp_path / f"v{t}.nii.gz"))
+        alone = np.asarray(api.segment(tmp_path / f"v{t}.nii.gz", model=str(model), threads=1).mask.dataobj)
+        assert alone.any() and np.array_equal(masks[..., t], alone)
+
+
 # ------------------------------------------------------------------------------------- refusals
 
 @pytest.mark.parametrize("change,feature", [
