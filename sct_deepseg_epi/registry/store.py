@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import IntegrityError, ModelError
@@ -135,8 +136,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def verify(spec: ModelSpec) -> None:
     """Raise IntegrityError unless every member file exists and matches its SHA-256.
 
-    Results are remembered per process for unchanged files (same size and mtime).
+    Results are remembered per process for unchanged files (same size and mtime). Several
+    files are hashed in parallel threads (hashlib releases the GIL): a 5-fold nnU-Net model
+    is 600 MB.
     """
+    todo = []
     for member, path in zip(spec.members, spec.member_paths()):
         try:
             st = path.stat()
@@ -148,7 +152,13 @@ def verify(spec: ModelSpec) -> None:
         if member.size is not None and st.st_size != member.size:
             raise IntegrityError(f"{path}: size {st.st_size} differs from the manifest's {member.size}; "
                                  f"the model {spec.ref} is corrupt or was modified")
-        digest = sha256_file(path)
+        todo.append((member, path, key))
+    if len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(sha256_file, [path for _, path, _ in todo]))
+    else:
+        digests = [sha256_file(path) for _, path, _ in todo]
+    for (member, path, key), digest in zip(todo, digests):
         if digest != member.sha256:
             raise IntegrityError(f"{path}: SHA-256 {digest[:12]}... does not match the manifest's "
                                  f"{member.sha256[:12]}...; the model {spec.ref} is corrupt or was modified")
