@@ -75,6 +75,8 @@ def nnunet_reference(folder: Path, image: Path, reader: str, mirroring: bool = T
                            perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                            verbose_preprocessing=False, allow_tqdm=False)
     pred.initialize_from_trained_model_folder(str(folder), use_folds=None)
+    if _counts_fold_0_twice(pred):
+        _average_folds_as_stock_nnunet_does(pred)
     data, props = rw.read_images([str(image)])
     seg, probs = pred.predict_single_npy_array(data, props, None, None, True)
     seg, probs = seg.transpose(2, 1, 0), probs.transpose(0, 3, 2, 1)  # reader order (z, y, x) -> (x, y, z)
@@ -83,6 +85,36 @@ def nnunet_reference(folder: Path, image: Path, reader: str, mirroring: bool = T
         seg = apply_orientation(seg, back)
         probs = np.stack([apply_orientation(p, back) for p in probs])
     return seg, probs
+
+
+def _counts_fold_0_twice(pred) -> bool:
+    """True for SCT's nnU-Net fork (nnunetv2-neuropoly 2.6), whose fold averaging adds the
+    first fold's logits twice (an ``if`` where nnunetv2 has ``else``): its logits are
+    (2 L0 + L1 + ... + Lk-1) / k. Found by running it, not by its version."""
+    patch = tuple(pred.configuration_manager.patch_size)
+    x = torch.zeros((1,) + ((1,) if len(patch) == 2 else ()) + patch)  # (c, z, y, x): a 2d model slides over z
+    x[(0,) + tuple(n // 2 for n in x.shape[1:])] = 1.0
+    one = pred.predict_sliding_window_return_logits(x)
+    params = pred.list_of_parameters
+    pred.list_of_parameters = params[:1]
+    try:
+        averaged = pred.predict_logits_from_preprocessed_data(x)
+    finally:
+        pred.list_of_parameters = params
+    return not torch.allclose(averaged, one, atol=1e-3) and torch.allclose(averaged, 2 * one, atol=1e-3)
+
+
+def _average_folds_as_stock_nnunet_does(pred) -> None:
+    """The reference is nnU-Net's own inference: the mean of the folds' logits."""
+    def average(data, **_):  # the fork passes return_logits_per_fold=False
+        total = None
+        for params in pred.list_of_parameters:
+            pred.network.load_state_dict(params)
+            logits = pred.predict_sliding_window_return_logits(data).to("cpu")
+            total = logits if total is None else total + logits
+        return total / len(pred.list_of_parameters)
+
+    pred.predict_logits_from_preprocessed_data = average
 
 
 def ours(model: Path, image: Path, tta: bool = True):

@@ -14,6 +14,7 @@ resampling functions, and trainers that nnunetv2 does not ship.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
@@ -70,11 +71,12 @@ def load_checkpoint(path: Path) -> dict:
     torch = require("torch")
     allowed: list = [np.dtype, np.float64, np.float32, np.int64]
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64)]
-    core = getattr(np, "_core", None)
-    if core is not None:  # numpy 2; checkpoints written under numpy 1 name its scalar numpy.core.multiarray.scalar
-        allowed += [core.multiarray.scalar, (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
-    else:
-        allowed.append(np.core.multiarray.scalar)  # type: ignore[attr-defined]
+    # numpy 2 moved numpy.core to numpy._core (numpy 1.26 has an empty numpy._core package), and
+    # a checkpoint names the scalar type as the numpy that wrote it did: allow both names
+    numpy2 = int(np.__version__.split(".")[0]) >= 2
+    scalar = importlib.import_module("numpy._core.multiarray" if numpy2 else "numpy.core.multiarray").scalar
+    other = "numpy.core.multiarray.scalar" if numpy2 else "numpy._core.multiarray.scalar"
+    allowed += [scalar, (scalar, other)]
     try:
         try:
             with torch.serialization.safe_globals(allowed):
@@ -346,9 +348,14 @@ def import_nnunet(source: str | Path, output: str | Path, *, configuration: str 
 
 def _manifest(plans: dict, dataset: dict, recipe: dict, configuration: str, trainer: str, members: list,
               sources: list, n_out: int, name: str, version: str, source: str | Path) -> dict:
-    import nnunetv2  # noqa: F401  (version below)
+    import nnunetv2
+    from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as pkg_version
 
+    try:
+        nnunet_version = pkg_version("nnunetv2")
+    except PackageNotFoundError:  # a copy without its dist-info (some environments vendor it)
+        nnunet_version = getattr(nnunetv2, "__version__", "unknown")
     spacing = recipe["spacing"]
     inplane = [float(spacing[-1]), float(spacing[-2])] if len(spacing) >= 2 else [1.0, 1.0]
     regions = recipe["regions_class_order"] is not None
@@ -369,6 +376,6 @@ def _manifest(plans: dict, dataset: dict, recipe: dict, configuration: str, trai
         "provenance": {"source": {
             "kind": "nnunet", "from": str(source), "dataset_name": plans.get("dataset_name"),
             "plans_name": plans.get("plans_name"), "configuration": configuration, "trainer": trainer,
-            "nnunetv2_version": pkg_version("nnunetv2"), "num_outputs": n_out, "checkpoints": sources,
+            "nnunetv2_version": nnunet_version, "num_outputs": n_out, "checkpoints": sources,
         }},
     }

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -55,9 +56,19 @@ def nnunet_env(root: Path):
     for k in keys:
         (root / k).mkdir(parents=True, exist_ok=True)
         os.environ[k] = str(root / k)
+    # older nnU-Net releases (SCT's fork among them) read these once, into plain strings, when
+    # a module is imported (``from nnunetv2.paths import nnUNet_raw``): modules imported for an
+    # earlier root must see this one too. Newer ones hold objects that read the environment.
+    patched = [(m, k, getattr(m, k)) for name, m in list(sys.modules.items())
+               if name.startswith("nnunetv2") and m is not None for k in keys
+               if isinstance(getattr(m, k, 0), (str, type(None)))]
+    for m, k, _ in patched:
+        setattr(m, k, str(root / k))
     try:
         yield
     finally:
+        for m, k, v in patched:
+            setattr(m, k, v)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
