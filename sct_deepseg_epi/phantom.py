@@ -112,10 +112,3 @@ def make_phantom(shape: tuple[int, int, int] = (64, 64, 12), n_volumes: int = 8,
     truth_img.header.set_qform(affine, code=1)
     truth_img.header.set_sform(affine, code=1)
     return Phantom(image, truth_img, stored_truth)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice coefficient of two binary arrays (1.0 when both are empty)."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    denom = a.sum() + b.sum()
-    return 1.0 if denom == 0 else float(2 * np.logical_and(a, b).sum() / denom)

@@ -237,7 +237,7 @@ def _area_chart(areas: list[float]) -> str:
 def _entry_html(e: dict, anchor: str) -> str:
     esc = html.escape
     gaps = [i for i, n in enumerate(e["slices_with_cord"]) if n < e["n_slices"]]
-    status = (f'<span class="ok">cord in every slice</span>' if not gaps else
+    status = ('<span class="ok">cord in every slice</span>' if not gaps else
               f'<span class="warn">slices without cord in {len(gaps)} of {e["n_volumes"]} volume(s)</span>')
     if max(e["slices_with_cord"]) == 0:
         status = '<span class="warn">no cord found</span>'

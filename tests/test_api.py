@@ -10,7 +10,8 @@ from conftest import blob_image
 
 from sct_deepseg_epi import api, segment
 from sct_deepseg_epi.errors import InputError, ModelError
-from sct_deepseg_epi.phantom import dice, make_phantom
+from sct_deepseg_epi.metrics import dice
+from sct_deepseg_epi.phantom import make_phantom
 
 
 @pytest.mark.parametrize("axcodes", ["RAS", "LPI", "PSR"])

@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import nibabel as nib
 
     from .. import api
-    from ..phantom import dice, make_phantom
+    from ..metrics import dice
+    from ..phantom import make_phantom
     from ..write import save_nifti
 
     out = Path(args.o)

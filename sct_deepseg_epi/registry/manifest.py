@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from ..errors import ModelError
+from .fields import no_leftovers, take
 from .nnunet_recipe import NnunetRecipe, recipe_from_dict, recipe_to_dict
 
 SCHEMA_VERSION = 1
@@ -101,129 +102,110 @@ def parse_size(text: str) -> tuple[float, str]:
     return float(m.group(1)), m.group(2) or "vox"
 
 
-def _take(d: dict, key: str, where: str, kind: type | tuple, default: Any = ...) -> Any:
-    if key not in d:
-        if default is ...:
-            raise ModelError(f"{where}: missing required field '{key}'")
-        return default
-    value = d.pop(key)
-    # bool is an int subclass: keep "true" out of numeric fields and 1 out of flags
-    if isinstance(value, bool) and kind not in (bool,) and not (isinstance(kind, tuple) and bool in kind):
-        raise ModelError(f"{where}: field '{key}' must be {kind}, not a boolean")
-    if not isinstance(value, kind):
-        raise ModelError(f"{where}: field '{key}' has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _no_leftovers(d: dict, where: str) -> None:
-    if d:
-        raise ModelError(f"{where}: unknown field(s) {', '.join(sorted(d))}")
-
-
 def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory: Path | None = None) -> ModelSpec:
     """Validate a manifest dictionary. Raises ModelError naming ``where`` and the bad field."""
     d = json.loads(json.dumps(raw))  # deep copy, and proof that it is plain JSON
     if not isinstance(d, dict):
         raise ModelError(f"{where}: a manifest must be a JSON object")
-    schema = _take(d, "schema_version", where, int)
+    schema = take(d, "schema_version", where, int)
     if schema != SCHEMA_VERSION:
         raise ModelError(f"{where}: schema_version {schema} is not supported (this version reads {SCHEMA_VERSION})")
-    name = _take(d, "name", where, str)
-    version = _take(d, "version", where, str)
+    name = take(d, "name", where, str)
+    version = take(d, "version", where, str)
     if not _NAME_RE.match(name):
         raise ModelError(f"{where}: name {name!r} must be lower-case letters, digits and '_'")
     if not _VERSION_RE.match(version):
         raise ModelError(f"{where}: version {version!r} must be MAJOR.MINOR.PATCH")
-    description = _take(d, "description", where, str, "")
+    description = take(d, "description", where, str, "")
 
     members = []
-    raw_members = _take(d, "members", where, list)
+    raw_members = take(d, "members", where, list)
     if not raw_members:
         raise ModelError(f"{where}: 'members' must list at least one ONNX file")
     for i, m in enumerate(raw_members):
         w = f"{where}: members[{i}]"
         if not isinstance(m, dict):
             raise ModelError(f"{w} must be an object")
-        f = _take(m, "file", w, str)
+        f = take(m, "file", w, str)
         if "/" in f or "\\" in f or f.startswith(".") or not f.endswith(".onnx"):
             raise ModelError(f"{w}: file {f!r} must be a plain '*.onnx' name inside the model folder")
-        sha = _take(m, "sha256", w, str).lower()
+        sha = take(m, "sha256", w, str).lower()
         if not _SHA_RE.match(sha):
             raise ModelError(f"{w}: sha256 must be 64 hex digits")
-        size = _take(m, "size", w, int, None)
-        _no_leftovers(m, w)
+        size = take(m, "size", w, int, None)
+        no_leftovers(m, w)
         members.append(Member(f, sha, size))
     if len({m.file for m in members}) != len(members):
         raise ModelError(f"{where}: member file names must be unique")
 
-    inp = _take(d, "input", where, dict)
+    inp = take(d, "input", where, dict)
     w = f"{where}: input"
-    spacing = _take(inp, "spacing_mm", w, list)
+    spacing = take(inp, "spacing_mm", w, list)
     if len(spacing) != 2 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in spacing):
         raise ModelError(f"{w}: spacing_mm must be two positive numbers (in-plane x, y)")
-    context = _take(inp, "context_slices", w, int, 0)
-    multiple = _take(inp, "size_multiple", w, int, 16)
+    context = take(inp, "context_slices", w, int, 0)
+    multiple = take(inp, "size_multiple", w, int, 16)
     if context < 0 or multiple < 1:
         raise ModelError(f"{w}: context_slices must be >= 0 and size_multiple >= 1")
-    norm_raw = _take(inp, "normalisation", w, dict, {})
+    norm_raw = take(inp, "normalisation", w, dict, {})
     wn = f"{w}.normalisation"
-    scheme = _take(norm_raw, "scheme", wn, str, "zscore")
+    scheme = take(norm_raw, "scheme", wn, str, "zscore")
     if scheme not in NORMALISATION_SCHEMES:
         raise ModelError(f"{wn}: scheme {scheme!r} is not one of {', '.join(NORMALISATION_SCHEMES)}")
-    clip = _take(norm_raw, "clip_percentiles", wn, (list, type(None)), [0.5, 99.5])
+    clip = take(norm_raw, "clip_percentiles", wn, (list, type(None)), [0.5, 99.5])
     if clip is not None and (len(clip) != 2 or not 0 <= clip[0] < clip[1] <= 100):
         raise ModelError(f"{wn}: clip_percentiles must be [low, high] with 0 <= low < high <= 100")
-    _no_leftovers(norm_raw, wn)
-    _no_leftovers(inp, w)
+    no_leftovers(norm_raw, wn)
+    no_leftovers(inp, w)
 
-    out = _take(d, "output", where, dict, {})
+    out = take(d, "output", where, dict, {})
     wo = f"{where}: output"
-    activation = _take(out, "activation", wo, str, "sigmoid")
+    activation = take(out, "activation", wo, str, "sigmoid")
     if activation not in ACTIVATIONS:
         raise ModelError(f"{wo}: activation must be one of {', '.join(ACTIVATIONS)}")
-    threshold = float(_take(out, "threshold", wo, (int, float), 0.5))
+    threshold = float(take(out, "threshold", wo, (int, float), 0.5))
     if not 0 < threshold < 1:
         raise ModelError(f"{wo}: threshold must be strictly between 0 and 1")
-    _no_leftovers(out, wo)
+    no_leftovers(out, wo)
 
-    tta = _take(d, "tta", where, dict, {})
-    flips = _take(tta, "flip_axes", f"{where}: tta", list, [0])
+    tta = take(d, "tta", where, dict, {})
+    flips = take(tta, "flip_axes", f"{where}: tta", list, [0])
     if any(a not in (0, 1) for a in flips) or len(set(flips)) != len(flips):
         raise ModelError(f"{where}: tta.flip_axes may hold 0 (left-right) and 1 (anterior-posterior)")
-    _no_leftovers(tta, f"{where}: tta")
+    no_leftovers(tta, f"{where}: tta")
 
-    pp = _take(d, "postprocess", where, dict, {})
+    pp = take(d, "postprocess", where, dict, {})
     wp = f"{where}: postprocess"
     post = Postprocess(
-        largest=_take(pp, "largest", wp, bool, True),
-        fill_holes=_take(pp, "fill_holes", wp, bool, True),
-        remove_small=str(_take(pp, "remove_small", wp, (str, int), "0vox")),
+        largest=take(pp, "largest", wp, bool, True),
+        fill_holes=take(pp, "fill_holes", wp, bool, True),
+        remove_small=str(take(pp, "remove_small", wp, (str, int), "0vox")),
     )
     try:
         parse_size(post.remove_small)
     except ValueError as exc:
         raise ModelError(f"{wp}: remove_small: {exc}") from None
-    _no_leftovers(pp, wp)
+    no_leftovers(pp, wp)
 
-    dl = _take(d, "download", where, dict, {})
+    dl = take(d, "download", where, dict, {})
     wd = f"{where}: download"
-    archive = _take(dl, "archive", wd, (str, type(None)), None)
-    archive_sha = _take(dl, "sha256", wd, (str, type(None)), None)
+    archive = take(dl, "archive", wd, (str, type(None)), None)
+    archive_sha = take(dl, "sha256", wd, (str, type(None)), None)
     if archive_sha is not None and not _SHA_RE.match(archive_sha.lower()):
         raise ModelError(f"{wd}: sha256 must be 64 hex digits")
-    mirrors = _take(dl, "mirrors", wd, list, [])
+    mirrors = take(dl, "mirrors", wd, list, [])
     if not all(isinstance(u, str) and u.startswith(("https://", "http://", "file://")) for u in mirrors):
         raise ModelError(f"{wd}: mirrors must be http(s):// or file:// URLs")
-    _no_leftovers(dl, wd)
+    no_leftovers(dl, wd)
 
-    nn_raw = _take(d, "nnunet", where, dict, None)
+    nn_raw = take(d, "nnunet", where, dict, None)
     nnunet = recipe_from_dict(nn_raw, where) if nn_raw is not None else None
     extra = {k: d.pop(k) for k in _FREEFORM if k in d}
     for k in ("license", "citation"):
         if k in d and not isinstance(d[k], str):
             raise ModelError(f"{where}: field '{k}' must be a string")
     lic, cit = d.pop("license", ""), d.pop("citation", "")
-    _no_leftovers(d, where)
+    no_leftovers(d, where)
     return ModelSpec(
         name=name, version=version, description=description, members=tuple(members),
         spacing_mm=(float(spacing[0]), float(spacing[1])), context_slices=context,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import ModelError
+from .fields import no_leftovers, take
 
 IMAGE_READERS = ("SimpleITKIO", "NibabelIO", "NibabelIOWithReorient")
 NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization")
@@ -86,24 +87,6 @@ class NnunetRecipe:
         return len({int(v) for k, v in self.labels if k != "ignore"})
 
 
-def _get(d: dict, key: str, where: str, kind, default: Any = ...) -> Any:
-    if key not in d:
-        if default is ...:
-            raise ModelError(f"{where}: missing required field '{key}'")
-        return default
-    v = d.pop(key)
-    if isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ModelError(f"{where}: field '{key}' must not be a boolean")
-    if not isinstance(v, kind):
-        raise ModelError(f"{where}: field '{key}' has the wrong type ({type(v).__name__})")
-    return v
-
-
-def _leftovers(d: dict, where: str) -> None:
-    if d:
-        raise ModelError(f"{where}: unknown field(s) {', '.join(sorted(d))}")
-
-
 def _numbers(v: list, where: str, key: str, kind=(int, float), positive: bool = True) -> list:
     if not all(isinstance(x, kind) and not isinstance(x, bool) and (x > 0 or not positive) for x in v):
         raise ModelError(f"{where}: '{key}' must hold {'positive ' if positive else ''}numbers")
@@ -111,12 +94,12 @@ def _numbers(v: list, where: str, key: str, kind=(int, float), positive: bool = 
 
 
 def _resampling(d: dict, where: str) -> Resampling:
-    order = _get(d, "order", where, int, 3)
-    order_z = _get(d, "order_z", where, int, 0)
-    force = _get(d, "force_separate_z", where, (bool, type(None)), None)
+    order = take(d, "order", where, int, 3)
+    order_z = take(d, "order_z", where, int, 0)
+    force = take(d, "force_separate_z", where, (bool, type(None)), None)
     if order not in (0, 1, 3) or order_z not in (0, 1, 3):
         raise ModelError(f"{where}: resampling orders {order}/{order_z} are not supported (0, 1 or 3)")
-    _leftovers(d, where)
+    no_leftovers(d, where)
     return Resampling(order, order_z, force)
 
 
@@ -124,36 +107,36 @@ def recipe_from_dict(raw: Mapping[str, Any], where: str) -> NnunetRecipe:
     """Validate the ``nnunet`` section (a plain-JSON dict, consumed)."""
     d = dict(raw)
     w = f"{where}: nnunet"
-    config = _get(d, "configuration", w, str)
-    reader = _get(d, "image_reader", w, str)
+    config = take(d, "configuration", w, str)
+    reader = take(d, "image_reader", w, str)
     if reader not in IMAGE_READERS:
         raise ModelError(f"{w}: image reader {reader!r} is not supported (only {', '.join(IMAGE_READERS)})")
-    tf = _get(d, "transpose_forward", w, list)
-    tb = _get(d, "transpose_backward", w, list)
+    tf = take(d, "transpose_forward", w, list)
+    tb = take(d, "transpose_backward", w, list)
     for key, t in (("transpose_forward", tf), ("transpose_backward", tb)):
         if sorted(t) != [0, 1, 2]:
             raise ModelError(f"{w}: {key} must be a permutation of [0, 1, 2]")
     if [tf[i] for i in tb] != [0, 1, 2]:
         raise ModelError(f"{w}: transpose_backward must undo transpose_forward")
-    spacing = _numbers(_get(d, "spacing", w, list), w, "spacing")
-    patch = _numbers(_get(d, "patch_size", w, list), w, "patch_size", int)
+    spacing = _numbers(take(d, "spacing", w, list), w, "spacing")
+    patch = _numbers(take(d, "patch_size", w, list), w, "patch_size", int)
     if len(patch) not in (2, 3) or len(spacing) != len(patch):
         raise ModelError(f"{w}: patch_size and spacing must both have 2 (2d) or 3 (3d) entries")
-    step = float(_get(d, "step_size", w, (int, float), 0.5))
+    step = float(take(d, "step_size", w, (int, float), 0.5))
     if not 0 < step <= 1:
         raise ModelError(f"{w}: step_size must be in (0, 1]")
-    mirror = _get(d, "mirror_axes", w, list, [])
+    mirror = take(d, "mirror_axes", w, list, [])
     if any(not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < len(patch) for a in mirror) \
             or len(set(mirror)) != len(mirror):
         raise ModelError(f"{w}: mirror_axes must be distinct axes of the patch (0..{len(patch) - 1})")
-    rs = _get(d, "resampling", w, dict, {})
+    rs = take(d, "resampling", w, dict, {})
     wr = f"{w}.resampling"
-    data_rs = _resampling(_get(rs, "data", wr, dict, {}), f"{wr}.data")
-    prob_rs = _resampling(_get(rs, "probabilities", wr, dict, {"order": 1}), f"{wr}.probabilities")
-    aniso = float(_get(rs, "anisotropy_threshold", wr, (int, float), 3))
-    _leftovers(rs, wr)
+    data_rs = _resampling(take(rs, "data", wr, dict, {}), f"{wr}.data")
+    prob_rs = _resampling(take(rs, "probabilities", wr, dict, {"order": 1}), f"{wr}.probabilities")
+    aniso = float(take(rs, "anisotropy_threshold", wr, (int, float), 3))
+    no_leftovers(rs, wr)
     norms = []
-    raw_norms = _get(d, "normalisation", w, list)
+    raw_norms = take(d, "normalisation", w, list)
     if len(raw_norms) != 1:
         raise ModelError(f"{w}: models with {len(raw_norms)} input channels are not supported (one image only)")
     for i, n in enumerate(raw_norms):
@@ -161,19 +144,19 @@ def recipe_from_dict(raw: Mapping[str, Any], where: str) -> NnunetRecipe:
         if not isinstance(n, dict):
             raise ModelError(f"{wn} must be an object")
         n = dict(n)
-        scheme = _get(n, "scheme", wn, str)
+        scheme = take(n, "scheme", wn, str)
         if scheme not in NORMALISATIONS:
             raise ModelError(f"{wn}: normalisation {scheme!r} is not supported (only {', '.join(NORMALISATIONS)})")
-        use_mask = _get(n, "use_mask", wn, bool, False)
-        inten = _get(n, "intensity", wn, dict, {})
+        use_mask = take(n, "use_mask", wn, bool, False)
+        inten = take(n, "intensity", wn, dict, {})
         if scheme == "CTNormalization":
             missing = [k for k in _CT_KEYS if k not in inten]
             if missing:
                 raise ModelError(f"{wn}: CTNormalization needs intensity {', '.join(missing)}")
         _numbers(list(inten.values()), wn, "intensity", positive=False)
-        _leftovers(n, wn)
+        no_leftovers(n, wn)
         norms.append(ChannelNorm(scheme, use_mask, tuple(sorted((str(k), float(v)) for k, v in inten.items()))))
-    labels = _get(d, "labels", w, dict)
+    labels = take(d, "labels", w, dict)
     if labels.get("background") != 0:
         raise ModelError(f"{w}: labels must map 'background' to 0")
     for k, v in labels.items():
@@ -181,7 +164,7 @@ def recipe_from_dict(raw: Mapping[str, Any], where: str) -> NnunetRecipe:
              (isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
         if not ok:
             raise ModelError(f"{w}: label {k!r} must be a label value or a list of them (a region)")
-    rco = _get(d, "regions_class_order", w, (list, type(None)), None)
+    rco = take(d, "regions_class_order", w, (list, type(None)), None)
     has_regions = any(isinstance(v, list) and len(v) > 1 for k, v in labels.items() if k != "ignore")
     if has_regions and rco is None:
         raise ModelError(f"{w}: region-based labels need regions_class_order")
@@ -191,10 +174,10 @@ def recipe_from_dict(raw: Mapping[str, Any], where: str) -> NnunetRecipe:
         n_regions = sum(1 for k, v in labels.items() if k != "ignore" and v != 0 and v != [0])
         if len(rco) != n_regions or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in rco):
             raise ModelError(f"{w}: regions_class_order must give one positive label per region ({n_regions})")
-    blend = _get(d, "blend_precision", w, str, "float16")
+    blend = take(d, "blend_precision", w, str, "float16")
     if blend not in ("float16", "float32"):
         raise ModelError(f"{w}: blend_precision must be float16 or float32")
-    _leftovers(d, w)
+    no_leftovers(d, w)
     return NnunetRecipe(
         configuration=config, image_reader=reader, transpose_forward=tuple(tf), transpose_backward=tuple(tb),
         spacing=tuple(float(s) for s in spacing), patch_size=tuple(patch), step_size=step,

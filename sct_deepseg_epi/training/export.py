@@ -139,7 +139,7 @@ def model_card(*, name: str, version: str, spec: ModelSpec, training: dict, metr
           f"- in-plane spacing {spec.spacing_mm[0]:g} x {spec.spacing_mm[1]:g} mm, {spec.context_slices} neighbouring slices"
           f" per side, z-score normalisation after clipping to percentiles {list(spec.normalisation.clip_percentiles or [])};"
           f" sigmoid, threshold {spec.threshold:g}; flip TTA along axes {list(spec.tta_flip_axes)}.",
-          f"- ONNX/torch parity (max abs logit difference on random inputs): "
+          "- ONNX/torch parity (max abs logit difference on random inputs): "
           + ", ".join(f"{d:.2e}" for d in parity_diffs) + ".", ""]
     net = training.get("config", {}).get("net", {})
     L += ["## Architecture", "", f"2D U-Net, widths {net.get('widths')}, {net.get('top_convs')} conv(s) per full-resolution block,"

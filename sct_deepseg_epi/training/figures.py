@@ -1,8 +1,6 @@
-"""Tiny greyscale/RGB PNG writer and mosaics for the simulation docs (numpy + zlib only)."""
+"""PNG files and mosaics for the simulation docs (numpy + zlib only)."""
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +8,10 @@ import numpy as np
 
 def write_png(path: Path | str, img: np.ndarray) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array as an 8-bit PNG."""
+    from ..qc import png_bytes
+
     a = np.asarray(img, dtype=np.uint8)
-    color = 2 if a.ndim == 3 else 0
-    h, w = a.shape[:2]
-    raw = b"".join(b"\x00" + a[i].tobytes() for i in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    Path(path).write_bytes(png_bytes(a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2)))
 
 
 def to_display(slice_xy: np.ndarray, size: int = 128, mask: np.ndarray | None = None) -> np.ndarray:

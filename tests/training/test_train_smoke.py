@@ -4,7 +4,6 @@ Needs torch and onnx (the ``train`` extra); skipped without them. Runs on the CP
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
