@@ -8,16 +8,13 @@ Record anew (only for an intended change of output): ``python tests/test_regress
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import SHARED_DATA, blob_image  # noqa: E402
-from nnunet_fixtures import make_nnunet_folder  # noqa: E402
+from conftest import SHARED_DATA, blob_image
+from nnunet_fixtures import make_nnunet_folder
 
 RECORDED_ORT = "1.32.0"
 EXPECTED: dict[str, dict[str, str]] = {
