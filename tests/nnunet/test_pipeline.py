@@ -91,8 +91,13 @@ def test_threshold_cleaning_and_mirroring(model3d, tmp_path):
     assert np.array_equal(low, (prob >= 0.3).astype(np.uint8))  # another threshold: the probability decides
     one = _mask(api.segment(image, model=str(model3d), threads=1, largest=True, dilate=1))
     assert one.sum() > _mask(base).sum() and set(np.unique(one)) <= {0, 1}
+    # imported nnU-Net models do not mirror unless asked, as in SCT
+    assert base.provenance()["tta"] is False
     flat = api.segment(image, model=str(model3d), threads=1, tta=False)
-    assert not np.array_equal(np.asarray(flat.probability.dataobj), prob)  # mirroring changes the average
+    assert np.array_equal(np.asarray(flat.probability.dataobj), prob)
+    mirrored = api.segment(image, model=str(model3d), threads=1, tta=True)
+    assert mirrored.provenance()["tta"] is True
+    assert not np.array_equal(np.asarray(mirrored.probability.dataobj), prob)  # mirroring changes the average
 
 
 def test_large_models_stream_their_folds_with_the_same_result(model3d, tmp_path, monkeypatch):
