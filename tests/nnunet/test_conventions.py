@@ -83,6 +83,23 @@ def test_sct_convention_matches_scts_steps(models, tmp_path, config, orientation
     check_parity(mask, prob, ref_seg, fg_probability(ref_probs), f"sct {config} {orientation} tta={tta}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config,folds,orientation", [("2d", 1, "PSR"), ("3d_fullres", 5, "LPI")])
+def test_sct_convention_other_fold_counts(models, tmp_path, config, folds, orientation):
+    """The other fold counts of each configuration, random weights (no training: cheap)."""
+    trained = models[config][0]
+    plans = json.loads((trained / "plans.json").read_text())
+    dj = json.loads((trained / "dataset.json").read_text())
+    patch = [24, 24] if config == "2d" else [4, 24, 24]
+    trained = write_trained(tmp_path / "trained", plans, dj, configuration=config, folds=folds, patch_size=patch,
+                            logit_scale=8.0, seed=3)
+    model = import_nnunet(trained, tmp_path / "model")
+    image = case_image(tmp_path, orientation, oblique=OBLIQUE, seed=12)
+    ref_seg, ref_probs = sct_reference(trained, image)
+    mask, prob, _ = _ours(model, image)
+    check_parity(mask, prob, ref_seg, fg_probability(ref_probs), f"sct {config} x{folds} {orientation} oblique")
+
+
 @pytest.mark.parametrize("config,orientation", [
     ("2d", "LAS"), ("2d", "oblique"), ("3d_fullres", "PSR"), ("3d_fullres", "LAS"),
 ])
