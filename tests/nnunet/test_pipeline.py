@@ -107,3 +107,14 @@ def test_large_models_stream_their_folds_with_the_same_result(model3d, tmp_path,
     streamed = api.segment(image, model=str(model3d), threads=3)  # another thread count: a new backend
     assert not pipeline.NnunetBackend(api.load_model(str(model3d)), threads=1).keep
     assert np.array_equal(_mask(streamed), kept)
+
+
+def test_tta_defaults_to_the_models_kind(model3d, tiny_model):
+    """-tta unset: this engine's models flip, imported nnU-Net models do not mirror (as in SCT)."""
+    native, nnunet = api.load_model("tiny"), api.load_model(str(model3d))
+    opts = api.Options()
+    assert opts.tta is None and opts.tta_for(native) is True and opts.tta_for(nnunet) is False
+    assert opts.settings(nnunet)["tta"] is False and opts.settings(native)["tta"] is True
+    for choice in (True, False):
+        o = api.Options(tta=choice)
+        assert o.tta_for(native) is choice and o.tta_for(nnunet) is choice
