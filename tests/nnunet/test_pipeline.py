@@ -118,3 +118,18 @@ def test_tta_defaults_to_the_models_kind(model3d, tiny_model):
     for choice in (True, False):
         o = api.Options(tta=choice)
         assert o.tta_for(native) is choice and o.tta_for(nnunet) is choice
+
+
+def test_sct_view_reorients_reverses_and_comes_back():
+    arr = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)  # RAS (x, y, z)
+    zooms = (1.0, 2.0, 3.0)
+    view, spacing, back = pipeline.sct_view(arr, zooms)
+    assert np.array_equal(view, arr.transpose(2, 1, 0)) and spacing == [3.0, 2.0, 1.0]
+    # SCT's "AIL" (nibabel PSR): x runs posterior, y superior, z right
+    view, spacing, back = pipeline.sct_view(arr, zooms, "PSR")
+    assert view.shape == (5, 7, 6) and spacing == [1.0, 3.0, 2.0]
+    # view[x, z, p] (nnU-Net's reversed PSR axes) = arr[x, last - p, z]: the model's first P voxel is the most anterior
+    assert np.array_equal(view[:, :, 0], arr[:, -1, :]) and np.array_equal(view[:, 2, 1], arr[:, -2, 2])
+    for orientation in ("RAS", "PSR", "LPI", "ILA"):
+        view, _, back = pipeline.sct_view(arr, zooms, orientation)
+        assert np.array_equal(back(view), arr), orientation
