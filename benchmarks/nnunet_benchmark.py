@@ -23,7 +23,8 @@ Two cases:
 
     python benchmarks/nnunet_benchmark.py                       # 3d_fullres, 2 threads, 3 runs
     python benchmarks/nnunet_benchmark.py -config 2d -runs 5
-    python benchmarks/nnunet_benchmark.py -config 2d -case sct-las -repeat 3
+    python benchmarks/nnunet_benchmark.py -config 2d -case sct-las -train-steps 40 -repeat 3
+    python benchmarks/nnunet_benchmark.py -config 2d -case sct-las -train-steps 40 -input real_mean.nii.gz
     python benchmarks/nnunet_benchmark.py -workdir /tmp/nnbench  # reuse the built model
 
 Needs the ``nnunet`` extra (torch + nnunetv2) for the reference and the import.
@@ -208,6 +209,8 @@ def sct_las_case(args, workdir: Path) -> int:
     import numpy as np
 
     trained, model, image = built(args, workdir, "sct")
+    if args.input:  # another file, e.g. a real EPI mean as acquired
+        image = Path(args.input).resolve()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                nnUNet_def_n_proc=str(args.threads))
     res = {e: {"wall": [], "cpu": [], "rss": []} for e in ("sct", "ours")}
@@ -232,8 +235,10 @@ def sct_las_case(args, workdir: Path) -> int:
     fg = (a > 0).sum() + (b > 0).sum()
     dice = 2 * float(((a > 0) & (b > 0)).sum()) / fg if fg else 1.0
     weights = f"fitted {args.train_steps} steps" if args.train_steps else "random weights"
-    print(f"\nmodel: nnU-Net {args.config}, {args.folds} folds ({weights}), imported with -convention sct; image {SHAPE} at "
-          f"{ZOOMS} mm stored LAS; default flags (no mirroring); {args.threads} threads; {args.repeat} fresh "
+    what = (f"{image.name} {nib.load(str(image)).shape} stored {''.join(nib.aff2axcodes(nib.load(str(image)).affine))}"
+            if args.input else f"image {SHAPE} at {ZOOMS} mm stored LAS")
+    print(f"\nmodel: nnU-Net {args.config}, {args.folds} folds ({weights}), imported with -convention sct; {what}; "
+          f"default flags (no mirroring); {args.threads} threads; {args.repeat} fresh "
           f"process(es) per side taking turns; medians of whole commands (start-up, imports, model, file in, "
           f"mask out)")
     print(f"{'side':<12} {'wall s':>7} {'min s':>6} {'CPU s':>7} {'peak RSS MB':>11} {'speed-up':>8} {'RSS':>5}  masks")
@@ -260,6 +265,8 @@ def main(argv=None) -> int:
     ap.add_argument("-workdir", default=None)
     ap.add_argument("-train-steps", type=int, default=0,
                     help="fit each fold for N steps on the synthetic cases (default 0: random weights)")
+    ap.add_argument("-input", default=None, help="sct-las: segment this NIfTI (e.g. a real EPI mean) instead of the "
+                                                  "synthetic LAS image")
     ap.add_argument("-case", choices=("nnunet", "sct-las"), default="nnunet",
                     help="nnunet: nnUNetPredictor on the file vs the engine (warm and cold); sct-las: a LAS image, "
                          "SCT's way vs the engine's whole command, default flags")
