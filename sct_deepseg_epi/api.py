@@ -22,7 +22,7 @@ from . import __version__
 from .errors import IntegrityError, ModelError
 from .infer import Ensemble
 from .postprocess import PostOptions, postprocess
-from .preprocess import Prepared, model_grid_shape, prepare, restore, roi_around
+from .preprocess import Prepared, check_model_grid, model_grid_shape, prepare, restore, roi_around
 from .read import Volume, from_image, read_volume
 from .registry import download, store
 from .registry.manifest import ModelSpec, load_manifest
@@ -47,11 +47,11 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
     else:
         spec = store.resolve(model)
     if not store.is_complete(spec) or spec.directory is None:
-        if not install or not spec.mirrors:
-            raise ModelError(f"model {spec.ref} is not installed; run: sct_deepseg_epi -install -model {spec.ref}"
-                             " (or -custom-url URL for an archive you have)")
+        source = store.with_mirrors(spec)  # an installed copy's own manifest may not say where it came from
+        if not install or not source.mirrors:
+            raise ModelError(_not_installed(spec, source))
         log.info("model %s is not installed; downloading it", spec.ref)
-        spec = _install_or_explain(spec)
+        spec = _install_or_explain(source)
     try:
         store.verify(spec)
     except IntegrityError:
@@ -64,9 +64,26 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
     return spec
 
 
+def _not_installed(spec: ModelSpec, source: ModelSpec) -> str:
+    """Why a model cannot run, naming the missing member file and a command that repairs it."""
+    missing = [p for p in spec.member_paths() if not p.is_file()] if spec.directory is not None else []
+    if not missing:
+        return (f"model {spec.ref} is not installed; run: sct_deepseg_epi -install -model {spec.ref}"
+                " (or -custom-url URL for an archive you have)")
+    what = f"{missing[0]}: member file of model {spec.ref} is missing" + (
+        f" ({len(missing)} of {len(spec.members)} are)" if len(missing) > 1 else "")
+    if source.mirrors:
+        return f"{what}; run: sct_deepseg_epi -install -model {spec.ref}"
+    if store.in_cache(spec):
+        return f"{what}; install it again from its archive with: sct_deepseg_epi -custom-url URL"
+    return f"{what}; the model folder {spec.directory} is incomplete"
+
+
 def _install_or_explain(spec: ModelSpec) -> ModelSpec:
     try:
         return download.install_spec(spec)
+    except download.CacheError:
+        raise  # the models folder is the problem, not the network
     except download.DownloadError as exc:
         raise ModelError(f"model {spec.ref} is not installed and could not be downloaded ({exc}); "
                          f"when online run: sct_deepseg_epi -install -model {spec.ref}") from None
@@ -190,6 +207,8 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
     a full-field pass. Without a cord in the mean, volumes are run on the full field.
     """
     timings = {} if timings is None else timings
+    if spec.nnunet is None:
+        check_model_grid(vol.data.shape, vol.zooms, spec.spacing_mm, vol.source)  # before any allocation
     ens = get_ensemble(spec, options.device, options.threads, options.tta)
     post = options.post(spec)
     if vol.is_4d and options.mode_4d == "each":

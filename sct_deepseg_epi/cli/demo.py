@@ -32,8 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..phantom import make_phantom
     from ..write import save_nifti
 
+    from ..errors import InputError
+
     out = Path(args.o)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; -o takes a folder for the phantom, its truth and the mask")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     ph = make_phantom(seed=args.seed)
     bold, truth = out / "phantom_bold.nii.gz", out / "phantom_truth.nii.gz"
     save_nifti(ph.image, bold)

@@ -76,11 +76,18 @@ def _load(path: Path):
     import nibabel as nib
     import numpy as np
 
-    from ..read import load_nifti
+    from ..errors import InputError
+    from ..read import READ_ERRORS, load_nifti, one_line
 
-    img = nib.as_closest_canonical(load_nifti(path))
+    img = load_nifti(path)
+    try:
+        img = nib.as_closest_canonical(img)
+        data = np.asanyarray(img.dataobj)
+    except READ_ERRORS as exc:  # a truncated mask: one line, not nibabel's EOFError
+        raise InputError(f"{path}: the image data cannot be read; the file is truncated or damaged "
+                         f"({one_line(exc)})") from None
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return np.asanyarray(img.dataobj), zooms, img.shape
+    return data, zooms, img.shape
 
 
 def evaluate_pair(pred: Path, ref: Path) -> tuple[dict, list[dict]]:

@@ -88,8 +88,8 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
 
     model = args.model
     if args.custom_url:
-        url, _, frag = args.custom_url.partition("#sha256=")
-        spec = download.install_url(url, sha256=frag.lower() or None)
+        url, sha = download.split_checksum(args.custom_url)
+        spec = download.install_url(url, sha256=sha)
         log.info("installed %s into %s", spec.ref, spec.directory)
         model = spec.directory
     elif args.install:

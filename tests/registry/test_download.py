@@ -125,7 +125,7 @@ def test_fetch_detects_truncation(server, tmp_path):
 
 def test_fetch_unreachable_host(tmp_path):
     with pytest.raises(DownloadError, match="every mirror"):
-        download.fetch(["http://127.0.0.1:9/none.zip"], tmp_path / "n", retries=1, timeout=(1, 1))
+        download.fetch(["http://127.0.0.1:9/none.zip"], tmp_path / "n", retries=1, limits=download.Limits(stall=1))
 
 
 def test_install_from_mirrors(server, archive, model_root, tmp_path):
