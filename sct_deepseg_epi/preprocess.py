@@ -57,17 +57,22 @@ def model_grid_shape(shape_xy: tuple[int, int], zooms_xy: tuple[float, float],
     return tuple(max(1, int(round(n * z / s))) for n, z, s in zip(shape_xy, zooms_xy, spacing_xy))  # type: ignore[return-value]
 
 
+def check_grid(grid: tuple[int, ...], source: str, what: str) -> None:
+    """Refuse a resampling target beyond MAX_GRID_AXIS per axis or MAX_GRID_VOXELS in all."""
+    if max(grid) > MAX_GRID_AXIS or int(np.prod(grid, dtype=object)) > MAX_GRID_VOXELS:
+        raise InputError(f"{source}: {what} needs {'x'.join(map(str, grid))} samples, beyond the limit of "
+                         f"{MAX_GRID_AXIS} per axis and {MAX_GRID_VOXELS} in all (1 GiB per copy); "
+                         "check the pixel size in the header")
+
+
 def check_model_grid(shape: tuple[int, ...], zooms: tuple[float, ...], spacing_xy: tuple[float, float],
                      source: str = "<image>") -> tuple[int, int]:
     """The in-plane model grid of a (X, Y, Z) RAS volume, refused if implausibly large."""
     grid = model_grid_shape((int(shape[0]), int(shape[1])), (float(zooms[0]), float(zooms[1])), spacing_xy)
-    n_z = int(shape[2]) if len(shape) > 2 else 1
-    if max(grid) > MAX_GRID_AXIS or grid[0] * grid[1] * n_z > MAX_GRID_VOXELS:
-        fov = " x ".join(f"{n * z:g}" for n, z in zip(shape[:2], zooms[:2]))
-        raise InputError(f"{source}: resampling {shape[0]}x{shape[1]} voxels of {zooms[0]:g} x {zooms[1]:g} mm "
-                         f"(a {fov} mm field of view) to the model's {spacing_xy[0]:g} mm grid needs "
-                         f"{grid[0]}x{grid[1]}x{n_z} samples, beyond the limit of {MAX_GRID_AXIS} per axis and "
-                         f"{MAX_GRID_VOXELS} in all (1 GiB per copy); check the pixel size in the header")
+    fov = " x ".join(f"{n * z:g}" for n, z in zip(shape[:2], zooms[:2]))
+    check_grid(grid + (int(shape[2]) if len(shape) > 2 else 1,), source,
+               f"resampling {shape[0]}x{shape[1]} voxels of {zooms[0]:g} x {zooms[1]:g} mm (a {fov} mm field of view) "
+               f"to the model's {spacing_xy[0]:g} mm grid")
     return grid
 
 

@@ -1,16 +1,15 @@
 """Run an imported nnU-Net v2 model with ONNX Runtime and numpy only (no torch, no nnunetv2).
 
 The steps and their order are nnU-Net's own inference recipe, read from the manifest's
-``nnunet`` section (see :mod:`sct_deepseg_epi.registry.nnunet_recipe`):
+``backend`` section (``kind: nnunet``, see :mod:`sct_deepseg_epi.nnunet.recipe`):
 
     image axes as nnU-Net's reader gives them -> transpose -> crop to the non-zero box
     -> normalise -> resample to the target spacing -> sliding window (Gaussian blend,
     mirroring) per fold -> mean of the folds' logits -> resample back -> softmax/sigmoid
     -> labels -> uncrop -> transpose back
 
-Each step records what it changed so the way back is exact. The engine's API calls
-:meth:`NnunetRunner.segment` instead of the 2D slice path whenever a manifest carries an
-``nnunet`` section.
+Each step records what it changed so the way back is exact. :class:`NnunetBackend` is
+this kind's backend (see :mod:`sct_deepseg_epi.backend`): it always runs on the whole field.
 """
 from __future__ import annotations
 
@@ -22,12 +21,14 @@ from typing import Iterable, Sequence
 import numpy as np
 from nibabel.orientations import apply_orientation
 
-from .errors import ModelError
-from .infer import default_threads, get_session, new_session, providers_for
-from .postprocess import PostOptions, fill_holes, keep_largest, label, remove_small
-from .registry.manifest import ModelSpec, parse_size
-from .registry.nnunet_recipe import ChannelNorm, NnunetRecipe, Resampling
-from .resample_spline import resize, resize_separate_z
+from ..backend import Probabilities
+from ..errors import ModelError
+from ..infer import default_threads, get_session, new_session, providers_for
+from ..ndimage import fill_holes
+from ..preprocess import check_grid
+from ..registry.manifest import ModelSpec
+from .recipe import ChannelNorm, NnunetRecipe
+from .resampling import new_shape_for, resample
 from .tiling import gaussian_weights, pad_amounts, tile_starts
 
 # voxels of network input per ONNX call: small tiles are batched (4 x 128^2), large 3D tiles run one by one;
@@ -55,49 +56,6 @@ def reader_view(data_ras: np.ndarray, zooms_ras: Sequence[float], to_ras: np.nda
     raise ModelError(f"image reader {reader!r} is not supported")
 
 
-def new_shape_for(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
-    """Shape after resampling, rounded as nnU-Net rounds it (Python's round)."""
-    return tuple(int(round(s / t * n)) for s, t, n in zip(spacing, target, shape))
-
-
-def separate_z(force: bool | None, current: Sequence[float], new: Sequence[float],
-               threshold: float) -> int | None:
-    """The thick-slice axis to resample on its own, or None (nnU-Net's rule)."""
-    def lowres(sp):
-        sp = np.asarray(sp, float)
-        return list(np.where(sp.max() / sp == 1)[0])
-
-    def aniso(sp):
-        return float(np.max(sp) / np.min(sp)) > threshold
-
-    if force is not None:
-        axes = lowres(current) if force else None
-    elif aniso(current):
-        axes = lowres(current)
-    elif aniso(new):
-        axes = lowres(new)
-    else:
-        axes = None
-    if axes is None or len(axes) != 1:
-        return None
-    return int(axes[0])
-
-
-def resample(arr: np.ndarray, shape: Sequence[int], current: Sequence[float], new: Sequence[float],
-             rule: Resampling, threshold: float) -> np.ndarray:
-    """Resample a (C, Z, Y, X) array to ``shape`` following one of the plan's resampling rules."""
-    if tuple(arr.shape[1:]) == tuple(shape):
-        return arr
-    axis = separate_z(rule.force_separate_z, current, new, threshold)
-    out = np.empty((arr.shape[0], *shape), np.float32)
-    for c in range(arr.shape[0]):
-        if axis is not None:
-            out[c] = resize_separate_z(arr[c], shape, axis, rule.order, rule.order_z)
-        else:
-            out[c] = resize(arr[c], shape, rule.order)
-    return out
-
-
 # ---------------------------------------------------------------------------- crop and normalise
 
 def nonzero_box(arr: np.ndarray) -> tuple[slice, ...]:
@@ -112,13 +70,7 @@ def nonzero_box(arr: np.ndarray) -> tuple[slice, ...]:
 
 def filled_nonzero(arr: np.ndarray) -> np.ndarray:
     """Non-zero voxels with enclosed zero regions filled (face connectivity), as nnU-Net's mask."""
-    m = arr != 0
-    if m.all() or not m.any():
-        return m
-    bg = ~np.pad(m, 1)
-    lab, _ = label(bg, full=False)
-    outside = lab == lab[(0,) * arr.ndim]
-    return ~outside[tuple(slice(1, -1) for _ in range(arr.ndim))]
+    return fill_holes(arr != 0)
 
 
 def normalise(img: np.ndarray, norm: ChannelNorm, mask: np.ndarray | None) -> np.ndarray:
@@ -231,7 +183,6 @@ class NnunetResult:
     labels: np.ndarray
     probability: np.ndarray      # foreground probability (1 - background, or the widest region)
     disagreement: np.ndarray     # std of the foreground probability across folds
-    probabilities: np.ndarray    # (K, Z, Y, X) per class/region, as nnU-Net exports them
 
 
 def _foreground(probs: np.ndarray, regions: bool) -> np.ndarray:
@@ -245,7 +196,8 @@ def _nonlin(logits: np.ndarray, regions: bool) -> np.ndarray:
 
 
 def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[float], recipe: NnunetRecipe,
-                         mirror: bool = True, timings: dict[str, float] | None = None) -> NnunetResult:
+                         mirror: bool = True, timings: dict[str, float] | None = None,
+                         source: str = "<image>") -> NnunetResult:
     """Run the recipe on a (Z, Y, X) array as nnU-Net's reader gives it, with that reader's spacing."""
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
@@ -260,6 +212,7 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
     if len(target) < 3:
         target = [spacing_t[0]] + target
     new_shape = new_shape_for(cropped_shape, spacing_t, target)
+    check_grid(tuple(new_shape), source, f"resampling to the model's {'x'.join(f'{t:g}' for t in target)} mm grid")
     norm = recipe.normalisation[0]
     mask = filled_nonzero(data) if norm.use_mask and norm.scheme == "ZScoreNormalization" else None
     data = normalise(data, norm, mask)[None]
@@ -316,9 +269,7 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
     t3 = time.perf_counter()
     for k, v in (("preprocess", t1 - t0), ("infer", t2 - t1), ("postprocess", t3 - t2)):
         timings[k] = timings.get(k, 0.0) + v
-    back = (0, *[i + 1 for i in tb])
-    return NnunetResult(full_seg.transpose(tb), fg.transpose(tb), full_std.transpose(tb),
-                        full_probs.transpose(back))
+    return NnunetResult(full_seg.transpose(tb), fg.transpose(tb), full_std.transpose(tb))
 
 
 # members up to this total size stay loaded between volumes (fast batches); larger models
@@ -327,16 +278,15 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
 KEEP_SESSIONS_MB = 256
 
 
-class NnunetRunner:
-    """The ONNX members of an imported nnU-Net model, driven by the recipe in its manifest.
+class NnunetBackend:
+    """The backend of imported nnU-Net models: the ONNX folds driven by the recipe in the manifest."""
 
-    Plays the part of :class:`~sct_deepseg_epi.infer.Ensemble` for the API (``spec``,
-    ``provider``); :meth:`segment` replaces the 2D slice path.
-    """
+    regional = False  # nnU-Net's recipe always runs on the whole field
 
-    def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True):
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True,
+                 localise_at: float = 0.5):
         if spec.nnunet is None:
-            raise ModelError(f"model {spec.ref} has no nnunet section")
+            raise ModelError(f"model {spec.ref} is not an imported nnU-Net model")
         self.spec = spec
         self.recipe = spec.nnunet
         self.providers = providers_for(device)
@@ -357,34 +307,14 @@ class NnunetRunner:
         for p in self.paths:
             yield new_session(p, self.providers, self.threads, shared_arena=True)
 
-    def predict(self, data_ras: np.ndarray, vol, timings: dict[str, float] | None = None):
-        """Labels, foreground probability and disagreement on the RAS grid of ``vol``."""
+    def predict(self, data_ras: np.ndarray, vol, *, region=None, localise: bool = False,
+                timings: dict[str, float]) -> Probabilities:
+        """nnU-Net's labels, foreground probability and disagreement on the RAS grid of ``vol``."""
         arr, spacing, back = reader_view(data_ras, vol.zooms, vol.to_ras, vol.from_ras, self.recipe.image_reader)
-        res = predict_reader_array(self.sessions(), arr, spacing, self.recipe, mirror=self.tta, timings=timings)
-        return back(res.labels), back(res.probability), back(res.disagreement)
+        res = predict_reader_array(self.sessions(), arr, spacing, self.recipe, mirror=self.tta, timings=timings,
+                                   source=vol.source)
+        return Probabilities(np.clip(back(res.probability), 0, 1).astype(np.float32),
+                             back(res.disagreement).astype(np.float32), back(res.labels).astype(np.uint8))
 
-    def segment(self, data_ras: np.ndarray, vol, post: PostOptions, timings: dict[str, float]):
-        """(mask, probability, disagreement) on the RAS grid; the mask is nnU-Net's label map.
-
-        At the manifest's threshold (0.5) the labels are nnU-Net's own (argmax, or regions
-        above 0.5); another threshold gives a binary mask of ``probability >= threshold``.
-        The optional cleaning (small objects, largest component, holes) keeps label values;
-        filled holes take label 1.
-        """
-        labels, prob, dis = self.predict(data_ras, vol, timings)
-        t0 = time.perf_counter()
-        if post.threshold != self.spec.threshold:
-            labels = (prob >= post.threshold).astype(np.uint8)
-        fg = labels > 0
-        clean = fg
-        value, unit = parse_size(post.remove_small)
-        if value > 0:
-            clean = remove_small(clean, value / float(np.prod(vol.zooms)) if unit == "mm3" else value)
-        if post.largest:
-            clean = keep_largest(clean)
-        if post.fill_holes:
-            clean = fill_holes(clean)
-        if clean is not fg:
-            labels = np.where(clean, np.where(fg, labels, 1), 0).astype(np.uint8)
-        timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
-        return labels.astype(np.uint8), np.clip(prob, 0, 1).astype(np.float32), dis.astype(np.float32)
+    def region_around(self, mask_ras: np.ndarray, vol) -> None:
+        return None
