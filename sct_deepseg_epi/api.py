@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -28,7 +28,8 @@ from .preprocess import check_model_grid
 from .read import Volume, from_image, read_volume
 from .registry import download, store
 from .registry.manifest import ModelSpec, load_manifest
-from .write import FrameWriter, check_output, default_output, derived_path, like, save_json, save_nifti, sidecar_path
+from .write import (FrameWriter, OutputSet, check_output, default_output, derived_path, like, save_json, save_nifti,
+                    sidecar_path)
 
 log = logging.getLogger(__name__)
 
@@ -242,53 +243,80 @@ class RunResult:
 _MAPS = {"mask": ("mask", np.uint8), "soft": ("probability", np.float32), "disagreement": ("disagreement", np.float32)}
 
 
+def run_targets(input_path: str | Path, output: str | Path | None = None, *, soft: bool = False,
+                disagreement: bool = False, options: Options | None = None) -> dict[str, Path]:
+    """Every file :func:`run` would write, by role (mask, soft, disagreement, sidecar)."""
+    out = check_output(output or default_output(input_path), [input_path], role="mask")
+    targets = {"mask": out}
+    if soft and (options or Options()).output != "probability":
+        targets["soft"] = derived_path(out, "_soft")
+    if disagreement:
+        targets["disagreement"] = derived_path(out, "_disagreement")
+    targets["sidecar"] = sidecar_path(out)
+    return targets
+
+
 def run(input_path: str | Path, output: str | Path | None = None, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
-        soft: bool = False, disagreement: bool = False, options: Options | None = None, **choices) -> RunResult:
+        soft: bool = False, disagreement: bool = False, options: Options | None = None,
+        then: Callable[[RunResult], Any] | None = None, **choices) -> RunResult:
     """Segment a file and write ``*_seg.nii.gz`` (+ sidecar, optional soft/disagreement maps).
 
     ``options.output == "probability"`` writes the soft probability map as the main
     output, as SCT's ``-thr 0`` does. A 4D ``-4d each`` series is streamed frame by frame,
-    so memory stays at a few volumes whatever the series length. No output appears unless
-    everything succeeded.
+    so memory stays at a few volumes whatever the series length.
+
+    Every path the run will write is checked against the input before any work; the files
+    are written to temporaries and renamed together at the end, so no output appears unless
+    everything succeeded. ``then`` (a QC report, say) runs after the renames; if it fails,
+    the run's files are removed again and its error raised.
     """
     options = _options(options, choices)
     t0 = time.perf_counter()
-    out = check_output(output or default_output(input_path), [input_path])
-    vol = read_volume(input_path)
-    timings: dict[str, float] = {"read": time.perf_counter() - t0}
-    spec = load_model(model)
-    each = vol.is_4d and options.mode_4d == "each"
-    shape = vol.image.shape[:3] + ((vol.n_frames,) if each else ())
-    maps = dict(_MAPS, mask=_MAPS["soft"]) if options.output == "probability" else _MAPS
-    targets = {"mask": out}
-    if soft and options.output != "probability":
-        targets["soft"] = derived_path(out, "_soft")
-    if disagreement:
-        targets["disagreement"] = derived_path(out, "_disagreement")
-    frames = iter_frames(vol, spec, options, timings)
-    n_cord = 0
-    with ExitStack() as stack:
-        if each:
-            writers = {k: stack.enter_context(FrameWriter(p, vol.image, shape, maps[k][1])) for k, p in targets.items()}
-            for frame in frames:
-                n_cord += int(np.count_nonzero(frame.mask))
-                for k, w in writers.items():
-                    w.write(getattr(frame, maps[k][0]))
-            t1 = time.perf_counter()
-            for w in writers.values():
-                w.commit()
-        else:
-            frame = next(frames)
-            n_cord = int(np.count_nonzero(frame.mask))
-            t1 = time.perf_counter()
-            for k, p in targets.items():
-                save_nifti(like(getattr(frame, maps[k][0]).astype(maps[k][1]), vol.image), p)
-    timings["write"] = time.perf_counter() - t1
-    warnings = list(vol.warnings)
-    _warn_if_empty(warnings, vol.source, n_cord)
-    timings["total"] = time.perf_counter() - t0
-    prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
-                      n_cord, input_sha256=store.sha256_file(input_path),
-                      outputs={k: Path(p).name for k, p in targets.items()})
-    side = save_json(prov, sidecar_path(out))
-    return RunResult(out, side, {k: v for k, v in targets.items() if k != "mask"}, prov)
+    targets = run_targets(input_path, output, soft=soft, disagreement=disagreement, options=options)
+    out = targets["mask"]
+    outputs = OutputSet(targets, [input_path])
+    maps_to_write = [k for k in targets if k != "sidecar"]
+    with outputs:
+        vol = read_volume(input_path)
+        timings: dict[str, float] = {"read": time.perf_counter() - t0}
+        spec = load_model(model)
+        each = vol.is_4d and options.mode_4d == "each"
+        shape = vol.image.shape[:3] + ((vol.n_frames,) if each else ())
+        maps = dict(_MAPS, mask=_MAPS["soft"]) if options.output == "probability" else _MAPS
+        frames = iter_frames(vol, spec, options, timings)
+        n_cord = 0
+        with ExitStack() as stack:
+            if each:
+                writers = {k: stack.enter_context(FrameWriter(targets[k], vol.image, shape, maps[k][1],
+                                                              tmp=outputs.temp(k))) for k in maps_to_write}
+                for frame in frames:
+                    n_cord += int(np.count_nonzero(frame.mask))
+                    for k, w in writers.items():
+                        w.write(getattr(frame, maps[k][0]))
+                t1 = time.perf_counter()
+                for w in writers.values():
+                    w.finish()
+            else:
+                frame = next(frames)
+                n_cord = int(np.count_nonzero(frame.mask))
+                t1 = time.perf_counter()
+                for k in maps_to_write:
+                    save_nifti(like(getattr(frame, maps[k][0]).astype(maps[k][1]), vol.image), targets[k],
+                               tmp=outputs.temp(k))
+        timings["write"] = time.perf_counter() - t1
+        warnings = list(vol.warnings)
+        _warn_if_empty(warnings, vol.source, n_cord)
+        timings["total"] = time.perf_counter() - t0
+        prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
+                          n_cord, input_sha256=store.sha256_file(input_path),
+                          outputs={k: Path(targets[k]).name for k in maps_to_write})
+        save_json(prov, targets["sidecar"], tmp=outputs.temp("sidecar"))
+    outputs.commit()
+    result = RunResult(out, targets["sidecar"], {k: targets[k] for k in maps_to_write if k != "mask"}, prov)
+    if then is not None:
+        try:
+            then(result)
+        except BaseException:
+            outputs.discard()
+            raise
+    return result

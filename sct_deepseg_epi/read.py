@@ -7,6 +7,7 @@ at the end lands on the input's own grid without any interpolation.
 from __future__ import annotations
 
 import logging
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,13 +111,26 @@ def _read(img: nib.Nifti1Image, source: str, take) -> np.ndarray:
         raise InputError(f"{source}: the image data cannot be read; the file is truncated or damaged ({one_line(exc)})") from None
 
 
+def check_regular_file(path: Path | str) -> None:
+    """Refuse what is not a regular file before opening it: opening a FIFO would wait for a writer."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{p}: is a folder, not a NIfTI file")
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise InputError(f"{p}: is {kind}, not a regular file")
+
+
 def load_nifti(path: Path | str) -> nib.Nifti1Image:
     """Open a NIfTI file lazily, with one-line errors for the usual ways this goes wrong."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a folder, not a NIfTI file")
+    check_regular_file(p)
     if not has_nifti_suffix(p):
         raise InputError(f"{p}: not a NIfTI file (expected a .nii or .nii.gz name)")
     if p.stat().st_size == 0:

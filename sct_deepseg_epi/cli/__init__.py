@@ -30,8 +30,40 @@ def commands_epilog() -> str:
     return "commands (sct_deepseg_epi COMMAND -h for each):\n" + "\n".join(lines)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that the same clean-up runs (temporaries removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def handle_signals() -> None:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` where they would kill the process outright.
+
+    A handler someone else installed, or an ignored signal (``nohup``), is left alone.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _raise_terminated)
+
+
 def call(main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
-    """Call a command's main(), turning library errors into one line and exit 1."""
+    """Call a command's main(), turning library errors into one line and exit 1.
+
+    Ctrl-C exits with 130, SIGTERM/SIGHUP with 128 + the signal number, after the same
+    clean-up as an error: no temporary or partial output is left.
+    """
     from ..errors import EpiSegError
 
     try:
@@ -39,6 +71,11 @@ def call(main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     except EpiSegError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    except Terminated as exc:
+        import signal
+
+        sys.stderr.write(f"interrupted by {signal.Signals(exc.signum).name}\n")
+        return 128 + exc.signum
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
@@ -50,6 +87,7 @@ def run(module: str, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    handle_signals()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in COMMANDS:
         return run(COMMANDS[args[0]][0], args[1:])

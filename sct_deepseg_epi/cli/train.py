@@ -79,6 +79,26 @@ def _resolve_init(ref: str) -> Path:
     return spec.directory
 
 
+def _check_outputs(args, init_folder: Path | None) -> None:
+    """The model folder (its members, manifest and card), -checkpoint and -pack: none may be an input."""
+    from ..write import check_folder, check_output, refuse_overwrite
+
+    inputs = [p for p in (args.data, init_folder, args.val_image, args.val_mask, args.from_checkpoint,
+                          args.card_notes) if p]
+    if init_folder is not None:
+        inputs += [init_folder / f.name for f in init_folder.iterdir()]
+    if args.pack:
+        check_output(args.pack, inputs, role="-pack file", suffixes=(".npz",))
+        return
+    out = Path(args.o)
+    written = {"model folder": out, "manifest": out / "manifest.json", "model card": out / "README.md",
+               **{f"member {i}": out / f"member{i}.onnx" for i in range(max(args.members, 1))}}
+    refuse_overwrite(written, inputs)
+    check_folder(out, inputs, role="model folder")
+    if args.checkpoint:
+        check_output(args.checkpoint, inputs, role="checkpoint", suffixes=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -87,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.v)
     from .._optional import require
 
+    init_folder = _resolve_init(args.init_model) if args.init_model else None
+    _check_outputs(args, init_folder)  # before torch is loaded or any data read
     require("torch")
     require("onnx")
     import numpy as np
@@ -112,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(workers=args.workers, threads=args.threads, device=args.device, seed=args.seed,
                       members=args.members)
     init_states = None
-    if args.init_model:
-        folder = _resolve_init(args.init_model)
+    if init_folder is not None:
+        folder = init_folder
         ispec = load_manifest(folder)
         tr_net = dict(ispec.extra.get("training", {}).get("config", {}).get("net", {}))
         tr_net.update(in_channels=ispec.in_channels, widths=tuple(tr_net.get("widths", NetConfig().widths)))

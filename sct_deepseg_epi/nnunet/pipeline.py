@@ -23,7 +23,7 @@ from nibabel.orientations import apply_orientation
 
 from ..backend import Probabilities
 from ..errors import ModelError
-from ..infer import default_threads, get_session, new_session, providers_for
+from ..infer import bounded_threads, get_session, new_session, providers_for
 from ..ndimage import fill_holes
 from ..preprocess import check_grid
 from ..registry.manifest import ModelSpec
@@ -290,7 +290,7 @@ class NnunetBackend:
         self.spec = spec
         self.recipe = spec.nnunet
         self.providers = providers_for(device)
-        self.threads = threads or default_threads()
+        self.threads = bounded_threads(threads)
         self.tta = tta
         self.paths = spec.member_paths()
         size_mb = sum(p.stat().st_size for p in self.paths) / 2 ** 20
