@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -47,7 +46,6 @@ def derived_path(nifti_path: Path | str, suffix: str) -> Path:
 
 # what a temporary name adds to the output's own: "." + name + ".XXXXXXXX.part" + ".nii.gz"
 TEMP_NAME_EXTRA = 1 + 9 + 5 + 7
-STALE_AGE_S = 1.0  # a temporary is locked within microseconds of its creation
 
 
 def _name_max(folder: Path) -> int:
@@ -81,6 +79,13 @@ def check_outputs(targets: Mapping[str, Path | str], inputs: Iterable[Path | str
     read-only mount, and nothing can be created under /proc).
     """
     outs = {role: Path(p) for role, p in targets.items()}
+    for out in outs.values():  # first: a name too long makes every later stat() fail
+        folder = out.parent if str(out.parent) else Path(".")
+        limit = _name_max(folder) if folder.is_dir() else 255
+        n = len(os.fsencode(out.name))
+        if n + TEMP_NAME_EXTRA > limit:
+            raise InputError(f"{out}: the file name is {n} bytes; this file system allows {limit}, less "
+                             f"{TEMP_NAME_EXTRA} for the temporary name it is written under: choose a shorter name")
     refuse_overwrite(outs, inputs)
     probed: set[str] = set()
     for role, out in outs.items():
@@ -90,11 +95,6 @@ def check_outputs(targets: Mapping[str, Path | str], inputs: Iterable[Path | str
             raise InputError(f"{out}: the output folder {folder} {what}")
         if out.is_dir():
             raise InputError(f"{out}: is a folder; the {role} cannot be written there")
-        limit = _name_max(folder)
-        n = len(os.fsencode(out.name))
-        if n + TEMP_NAME_EXTRA > limit:
-            raise InputError(f"{out}: the file name is {n} bytes; this file system allows {limit}, less "
-                             f"{TEMP_NAME_EXTRA} for the temporary name it is written under: choose a shorter name")
         key = os.path.realpath(folder)
         if key not in probed:
             try:
@@ -162,41 +162,50 @@ def write_error(path: Path | str, exc: OSError) -> InputError:
 
 
 def _temp_for(final: Path) -> tuple[Path, int]:
-    """A temporary next to ``final``, locked while its writer lives (see :func:`remove_stale_parts`)."""
+    """A temporary next to ``final``, locked while its writer lives (see :func:`remove_stale_parts`).
+
+    The lock is taken with a blocking call and the name checked again afterwards: a
+    cleaner that found the new file unlocked in between has removed it, and another is made.
+    """
     name = final.name
     ext = ".nii.gz" if name.endswith(".nii.gz") else "".join(final.suffixes[-1:])
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".part{ext}", dir=final.parent or ".")
-    except OSError as exc:
-        raise write_error(final, exc) from None
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return Path(tmp), fd
+    for _ in range(5):
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".part{ext}", dir=final.parent or ".")
+        except OSError as exc:
+            raise write_error(final, exc) from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return Path(tmp), fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise InputError(f"{final}: its temporary files keep being removed by another process")
 
 
 def remove_stale_parts(final: Path | str) -> list[Path]:
     """Remove temporaries of ``final`` left by a writer that was killed (kill -9, power loss).
 
-    A live writer holds a lock on its temporary, so only unlocked ones, older than
-    STALE_AGE_S, are removed: a concurrent run writing the same output keeps its file.
+    A live writer holds a lock on its temporary until it is renamed, so only unlocked ones
+    are removed, under their lock: a concurrent run writing the same output keeps its file.
     """
     final = Path(final)
     removed = []
     folder = final.parent if str(final.parent) else Path(".")
     for part in folder.glob(f".{_glob_escape(final.name)}.*.part*"):
         try:
-            if time.time() - part.stat().st_mtime < STALE_AGE_S:
-                continue
             fd = os.open(part, os.O_RDONLY)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            part.unlink(missing_ok=True)
+            removed.append(part)
         except OSError:
-            continue  # its writer is alive
+            pass  # its writer is alive
         finally:
             os.close(fd)
-        part.unlink(missing_ok=True)
-        removed.append(part)
     return removed
 
 
