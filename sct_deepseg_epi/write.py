@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError
-from .read import NIFTI_SUFFIXES, has_nifti_suffix, strip_nifti_suffix
+from .read import NIFTI_SUFFIXES, strip_nifti_suffix
 
 
 def default_output(input_path: Path | str, suffix: str = "_seg") -> Path:

@@ -7,7 +7,6 @@ so a regression fails the test instead of hanging it.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import pytest

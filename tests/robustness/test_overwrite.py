@@ -4,15 +4,13 @@ before any work is done."""
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import blob_image, make_model_folder
 from hostile import one_line_error
-from test_handoff import FAKE, fake_sct, pam50, series  # noqa: F401  (fixtures: fake SCT tools, PAM50)
+from test_handoff import fake_sct, pam50, series  # noqa: F401  (fixtures: fake SCT tools, PAM50)
 
 from sct_deepseg_epi.cli import main
 

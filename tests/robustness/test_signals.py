@@ -14,7 +14,7 @@ import pytest
 from conftest import blob_image, make_model_folder
 from hostile import REPO
 
-from sct_deepseg_epi.write import FrameWriter, remove_stale_parts
+from sct_deepseg_epi import write
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_a_live_writers_temporary_is_kept(tmp_path):
     """Two runs writing one output at once: the second does not remove the first one's file."""
     img, _ = blob_image(n_volumes=2)
     final = tmp_path / "m.nii.gz"
-    with FrameWriter(final, img, img.shape, np.uint8) as w:
-        assert remove_stale_parts(final) == []
+    with write.FrameWriter(final, img, img.shape, np.uint8) as w:
+        assert write.remove_stale_parts(final) == []
         w.write(np.zeros(img.shape[:3], np.uint8))
         w.write(np.ones(img.shape[:3], np.uint8))
         w.commit()

@@ -5,7 +5,7 @@ import logging
 import os
 
 import pytest
-from hostile import assert_one_line, one_line_error, run_cli
+from hostile import one_line_error, run_cli
 
 from sct_deepseg_epi import infer
 from sct_deepseg_epi.cli import main
