@@ -42,20 +42,30 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated(signum)
 
 
-def handle_signals() -> None:
+def handle_signals() -> dict:
     """Turn SIGTERM and SIGHUP into :class:`Terminated` where they would kill the process outright.
 
     A handler someone else installed, or an ignored signal (``nohup``), is left alone.
+    Returns the handlers replaced, for :func:`restore_signals`.
     """
     import signal
     import threading
 
+    replaced: dict = {}
     if threading.current_thread() is not threading.main_thread():
-        return
+        return replaced
     for name in ("SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
         if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
-            signal.signal(sig, _raise_terminated)
+            replaced[sig] = signal.signal(sig, _raise_terminated)
+    return replaced
+
+
+def restore_signals(replaced: dict) -> None:
+    import signal
+
+    for sig, handler in replaced.items():
+        signal.signal(sig, handler)
 
 
 def call(main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
@@ -87,8 +97,11 @@ def run(module: str, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    handle_signals()
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in COMMANDS:
-        return run(COMMANDS[args[0]][0], args[1:])
-    return run(COMMANDS["segment"][0], args)
+    replaced = handle_signals()
+    try:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if args and args[0] in COMMANDS:
+            return run(COMMANDS[args[0]][0], args[1:])
+        return run(COMMANDS["segment"][0], args)
+    finally:
+        restore_signals(replaced)  # an embedding program (or a test run) keeps its own behaviour

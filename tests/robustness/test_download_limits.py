@@ -37,10 +37,10 @@ def test_trickling_server_stops_at_the_deadline(server, model_root, body):
     server.files["/slow.zip"] = body
     server.trickle["/slow.zip"] = 0.2
     t0 = time.monotonic()
-    proc = run_cli(["-custom-url", server.url + "/slow.zip"], _env(model_root, timeout=2, min_rate=0), timeout=30)
+    proc = run_cli(["-custom-url", server.url + "/slow.zip"], _env(model_root, timeout=1, min_rate=0), timeout=30)
     elapsed = time.monotonic() - t0
     line = assert_one_line(proc)
-    assert "2 s download deadline" in line and "SCT_DEEPSEG_EPI_DOWNLOAD_TIMEOUT" in line
+    assert "1 s download deadline" in line and "SCT_DEEPSEG_EPI_DOWNLOAD_TIMEOUT" in line
     assert elapsed < 10
     assert server.hits["/slow.zip"] == 1  # a server that was too slow is not asked again
     assert _leftovers(model_root) == []
@@ -63,7 +63,7 @@ def test_hanging_server_is_bounded(server, model_root, body):
     server.files["/hang.zip"] = body
     server.hang.add("/hang.zip")
     t0 = time.monotonic()
-    proc = run_cli(["-custom-url", server.url + "/hang.zip"], _env(model_root, stall=0.5, timeout=2), timeout=30)
+    proc = run_cli(["-custom-url", server.url + "/hang.zip"], _env(model_root, stall=0.3, timeout=1), timeout=30)
     line = assert_one_line(proc)
     assert "/hang.zip" in line
     assert time.monotonic() - t0 < 10

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -147,21 +146,21 @@ def test_same_weights_under_packaged_name_still_install(model_root, tmp_path):
 
 # ----------------------------------------------------------------- 13: lock before downloading
 
-def _custom_url_worker(args):
-    url, root = args
-    os.environ["SCT_DEEPSEG_EPI_MODELS"] = root
-    from sct_deepseg_epi.registry import download as d
-
-    return d.install_url(url).ref
-
-
 def test_concurrent_custom_url_downloads_once(server, small_archive, model_root):
+    """Four processes started together: the first downloads, the others wait for its lock and reuse it."""
+    import subprocess
+    import sys
+
+    from hostile import REPO
+
     data, _ = small_archive
     server.files["/m.zip"] = data
-    server.delay["/m.zip"] = 0.5  # the first download is still running when the others ask
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        refs = pool.map(_custom_url_worker, [(server.url + "/m.zip", str(model_root))] * 4)
-    assert refs == ["tiny@2.0.0"] * 4
+    server.delay["/m.zip"] = 1.5  # the first download is still running when the others ask
+    env = {**os.environ, "SCT_DEEPSEG_EPI_MODELS": str(model_root)}
+    procs = [subprocess.Popen([sys.executable, "-m", "sct_deepseg_epi", "-custom-url", server.url + "/m.zip", "-v", "0"],
+                              cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errs
     assert server.hits["/m.zip"] == 1
     store.verify(store.resolve("tiny@2.0.0"))
 
