@@ -23,13 +23,13 @@ from . import __version__
 from .backend import Backend, backend_for
 from .errors import IntegrityError, ModelError
 from .options import Options
+from .outputs import OutputSet, check_output
 from .postprocess import PostOptions, finish
 from .preprocess import check_model_grid
 from .read import Volume, from_image, read_volume
 from .registry import download, store
 from .registry.manifest import ModelSpec, load_manifest
-from .write import (FrameWriter, OutputSet, check_output, default_output, derived_path, like, save_json, save_nifti,
-                    sidecar_path)
+from .write import FrameWriter, default_output, derived_path, like, save_json, save_nifti, sidecar_path
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,9 @@ import numpy as np
 from nibabel.orientations import io_orientation
 
 from .errors import EpiSegError, InputError
+from .outputs import check_output, check_outputs, refuse_overwrite
 from .read import load_nifti, strip_nifti_suffix
-from .write import check_output, check_outputs, like, refuse_overwrite, save_nifti
+from .write import like, save_nifti
 
 log = logging.getLogger(__name__)
 

@@ -81,14 +81,29 @@ def call(main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     except EpiSegError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    except Terminated as exc:
-        import signal
+    except BaseException as exc:
+        interrupt = _interruption(exc)
+        if interrupt is None:
+            raise
+        if isinstance(interrupt, Terminated):
+            import signal
 
-        sys.stderr.write(f"interrupted by {signal.Signals(exc.signum).name}\n")
-        return 128 + exc.signum
-    except KeyboardInterrupt:
+            sys.stderr.write(f"interrupted by {signal.Signals(interrupt.signum).name}\n")
+            return 128 + interrupt.signum
         sys.stderr.write("interrupted\n")
         return 130
+
+
+def _interruption(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or signal behind ``exc``: a library may wrap it (onnxruntime's import turns it into
+    'ImportError: initialization failed')."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def run(module: str, argv: list[str]) -> int:

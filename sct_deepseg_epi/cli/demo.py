@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import InputError
     from ..metrics import dice
     from ..phantom import make_phantom
-    from ..write import OutputSet, check_outputs, save_nifti
+    from ..outputs import OutputSet, check_outputs
+    from ..write import save_nifti
 
     out = Path(args.o)
     if out.exists() and not out.is_dir():

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.v)
     pairs = match_pairs(Path(args.pred), Path(args.ref))
     if args.o:  # before any metric is computed: not an input, a known format, a folder that takes it
-        from ..write import check_output
+        from ..outputs import check_output
 
         check_output(args.o, [f for pair in pairs for f in pair], role="metrics table",
                      suffixes=(".tsv", ".txt", ".csv", ".json"))
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         mean = {c: float(np.nanmean([r[c] for r in volumes])) for c in cols}
         out.write("mean\t" + "\t".join(_fmt(mean[c]) for c in cols) + "\n")
     if args.o:
-        from ..write import atomic_path, write_error
+        from ..outputs import write_error
+        from ..write import atomic_path
 
         o = Path(args.o)
         try:

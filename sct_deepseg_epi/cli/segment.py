@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
     disagreement = args.disagreement
     backend = None
     if args.i is not None:
-        from ..write import check_folder, check_outputs
+        from ..outputs import check_folder, check_outputs
 
         if args.qc:
             from .. import qc
@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
                       [args.i])
     model = args.model
     if args.custom_url:
-        url, sha = download.split_checksum(args.custom_url)
+        from ..registry.fetch import split_checksum
+
+        url, sha = split_checksum(args.custom_url)
         spec = download.install_url(url, sha256=sha)
         log.info("installed %s into %s", spec.ref, spec.directory)
         model = spec.directory

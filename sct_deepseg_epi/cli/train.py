@@ -66,7 +66,7 @@ def _check_outputs(args) -> None:
     Checked before torch is imported or any data read, so it holds without the 'train' extra too.
     """
     from ..api import load_model
-    from ..write import check_folder, check_output, refuse_overwrite
+    from ..outputs import check_folder, check_output, refuse_overwrite
 
     init = None
     if args.init_model:  # the model to fine-tune: its folder, its members and manifest are inputs

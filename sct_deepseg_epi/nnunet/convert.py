@@ -32,7 +32,7 @@ from ..errors import ModelError
 from ..registry import download
 from ..registry.manifest import load_manifest, write_manifest
 from ..registry.store import sha256_file
-from ..write import check_folder, refuse_nesting
+from ..outputs import check_folder, refuse_nesting
 from .recipe import IMAGE_READERS, NORMALISATIONS
 
 log = logging.getLogger(__name__)

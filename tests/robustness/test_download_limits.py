@@ -14,7 +14,7 @@ from conftest import make_model_folder
 from hostile import assert_one_line, run_cli, server, zip_folder  # noqa: F401  (server is a fixture)
 
 from sct_deepseg_epi.errors import DownloadError
-from sct_deepseg_epi.registry import download
+from sct_deepseg_epi.registry import fetch
 
 
 @pytest.fixture
@@ -79,13 +79,13 @@ def test_fast_server_is_unaffected_by_tight_limits(server, model_root, body):
 
 
 def test_limits_from_environment(monkeypatch):
-    assert download.Limits.from_env() == download.Limits(1800.0, 30.0, 10000.0, 30.0)
+    assert fetch.Limits.from_env() == fetch.Limits(1800.0, 30.0, 10000.0, 30.0)
     monkeypatch.setenv("SCT_DEEPSEG_EPI_DOWNLOAD_TIMEOUT", "60")
     monkeypatch.setenv("SCT_DEEPSEG_EPI_DOWNLOAD_MIN_RATE", "0")
-    assert download.Limits.from_env() == download.Limits(60.0, 30.0, 0.0, 30.0)
+    assert fetch.Limits.from_env() == fetch.Limits(60.0, 30.0, 0.0, 30.0)
     monkeypatch.setenv("SCT_DEEPSEG_EPI_DOWNLOAD_STALL", "soon")
     with pytest.raises(DownloadError, match="SCT_DEEPSEG_EPI_DOWNLOAD_STALL='soon': expected a positive number"):
-        download.Limits.from_env()
+        fetch.Limits.from_env()
 
 
 def test_orphaned_scratch_folders_are_swept(server, model_root, body):

@@ -14,13 +14,13 @@ from hostile import (fsize_limited, one_line_error, readonly_dir, run_cli, serve
                      zip_folder, assert_one_line)
 
 from sct_deepseg_epi.cli import main
-from sct_deepseg_epi.registry import download, store
+from sct_deepseg_epi.registry import download, fetch, store
 from sct_deepseg_epi.registry.manifest import load_manifest
 
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(download, "BACKOFF", 0.01)
+    monkeypatch.setattr(fetch, "BACKOFF", 0.01)
 
 
 def big_model(folder: Path, nbytes: int = 300_000) -> Path:

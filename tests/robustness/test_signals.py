@@ -14,7 +14,7 @@ import pytest
 from conftest import blob_image, make_model_folder
 from hostile import REPO
 
-from sct_deepseg_epi import write
+from sct_deepseg_epi import outputs, write
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,15 @@ def _parts(out):
 
 
 def _wait_for_parts(p, out, n=2, timeout=60.0):
-    """Stop the writer (SIGSTOP) as soon as its temporaries exist, so the signal lands mid-stream."""
+    """Stop the writer (SIGSTOP) once frames are streaming into its temporaries, so the signal lands mid-stream."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(_parts(out)) >= n:
+        parts = [out / name for name in _parts(out)]
+        try:
+            streaming = len(parts) >= n and max(x.stat().st_size for x in parts) > 64 * 1024
+        except FileNotFoundError:
+            streaming = False
+        if streaming:
             p.send_signal(signal.SIGSTOP)
             return
         if p.poll() is not None:
@@ -87,8 +92,22 @@ def test_a_live_writers_temporary_is_kept(tmp_path):
     img, _ = blob_image(n_volumes=2)
     final = tmp_path / "m.nii.gz"
     with write.FrameWriter(final, img, img.shape, np.uint8) as w:
-        assert write.remove_stale_parts(final) == []
+        assert outputs.remove_stale_parts(final) == []
         w.write(np.zeros(img.shape[:3], np.uint8))
         w.write(np.ones(img.shape[:3], np.uint8))
         w.commit()
     assert list(tmp_path.iterdir()) == [final]
+
+
+def test_a_signal_wrapped_by_a_library_is_still_an_interruption(capsys):
+    """A SIGTERM that lands while onnxruntime is imported comes out as 'ImportError: initialization failed'."""
+    from sct_deepseg_epi.cli import Terminated, call
+
+    def main_fn(argv):
+        try:
+            raise Terminated(signal.SIGTERM)
+        except Terminated as exc:
+            raise ImportError("initialization failed") from exc
+
+    assert call(main_fn, []) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "interrupted by SIGTERM\n"
