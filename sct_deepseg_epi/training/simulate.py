@@ -186,7 +186,7 @@ def box_blur(a: np.ndarray, r: int) -> np.ndarray:
 
 
 def weaken_contrast(img: np.ndarray, mask: np.ndarray, zooms, rng: np.random.Generator, cfg: SimConfig):
-    """Per slice (p = ``weak_contrast_prob``): mix the cord's neighbourhood with a ~6 mm local mean.
+    """Per slice (p = ``weak_contrast_prob``): mix the cord's neighbourhood with a 7 mm box mean.
 
     The cord and its CSF ring then differ little, as on slices where CSF is thin, flows or
     is partial-volumed; the cord's shape (the mask) is unchanged. Returns the image and the
@@ -200,7 +200,7 @@ def weaken_contrast(img: np.ndarray, mask: np.ndarray, zooms, rng: np.random.Gen
         if rng.random() >= cfg.weak_contrast_prob or not mask[:, :, k].any():
             continue
         a = _u(rng, cfg.weak_contrast)
-        near = np.clip(3 * box_blur(mask[:, :, k], r_big), 0, 1)
+        near = np.clip(3 * box_blur(mask[:, :, k], r_big), 0, 1)  # 1 on the cord, fading ~6 mm out
         out[:, :, k] = img[:, :, k] + a * near * (box_blur(img[:, :, k], r_small) - img[:, :, k])
         n += 1
     return out, n
