@@ -103,8 +103,9 @@ def heldout_images(n: int, data: Path):
 
     out = []
     for name, image, mask in heldout_simulated(n=n, data=data):
-        ref = from_image(type(image)(np.asarray(mask, np.float32), image.affine), name).data > 0.5
-        out.append((name, image, ref, None))
+        if not hasattr(mask, "affine"):  # an array on the image's grid
+            mask = type(image)(np.asarray(mask, np.float32), image.affine)
+        out.append((name, image, from_image(mask, name).data > 0.5, None))
     return out
 
 
