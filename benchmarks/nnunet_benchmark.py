@@ -34,8 +34,10 @@ def build(workdir: Path, configuration: str, folds: int) -> tuple[Path, Path, Pa
     import torch
 
     torch.set_num_threads(2)
-    from sct_deepseg_epi.convert.nnunet import import_nnunet
-    from sct_deepseg_epi.convert.nnunet_synthetic import _save, plan_dataset, synthetic_case, write_trained
+    from sct_deepseg_epi.nnunet.convert import import_nnunet
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic-model builders
+    from nnunet_synthetic import _save, plan_dataset, synthetic_case, write_trained
 
     trained = workdir / "trained" / f"nnUNetTrainer__nnUNetPlans__{configuration}"
     model = workdir / f"model_{configuration}"
@@ -81,10 +83,11 @@ def worker(engine: str, trained: Path, model: Path, image: Path, out: Path, mirr
             cpu.append(cpu_s() - c)
     else:
         from sct_deepseg_epi import api
+        from sct_deepseg_epi.backend import backend_for
 
         opts = api.Options(threads=threads, tta=mirror)
         spec = api.load_model(str(model))
-        api.get_ensemble(spec, opts.device, opts.threads, opts.tta)  # sessions: part of loading
+        backend_for(spec, opts)  # sessions: part of loading
         load = time.perf_counter() - t0
         for _ in range(runs):
             out.unlink(missing_ok=True)

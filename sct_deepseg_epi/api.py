@@ -1,9 +1,10 @@
-"""The Python API: :func:`segment` runs the five stages; :func:`run` also writes the files.
+"""The Python API: :func:`segment` runs the stages; :func:`run` also writes the files.
 
-    read -> preprocess -> infer -> postprocess -> write
+    read -> backend.predict (preprocess -> infer, per kind of model) -> postprocess -> write
 
-This is the only module that knows the whole chain. It raises EpiSegError subclasses and
-never prints; the CLI turns them into one line.
+This is the only module that knows the whole chain, and it is the same for every kind of
+model: :func:`~sct_deepseg_epi.backend.backend_for` picks the backend once per model.
+It raises EpiSegError subclasses and never prints; the CLI turns them into one line.
 """
 from __future__ import annotations
 
@@ -11,27 +12,24 @@ import logging
 import platform
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
 
 from . import __version__
+from .backend import Backend, backend_for
 from .errors import IntegrityError, ModelError
-from .infer import Ensemble
-from .postprocess import PostOptions, postprocess
-from .preprocess import Prepared, model_grid_shape, prepare, restore, roi_around
+from .options import Options
+from .postprocess import PostOptions, finish
 from .read import Volume, from_image, read_volume
 from .registry import download, store
 from .registry.manifest import ModelSpec, load_manifest
 from .write import FrameWriter, check_output, default_output, derived_path, like, save_json, save_nifti, sidecar_path
 
 log = logging.getLogger(__name__)
-Mode4D = Literal["mean", "each"]
-_ENSEMBLES: dict[tuple, Ensemble] = {}
-ROI_MARGIN_MM = 12.0  # margin around the cord found first: covers motion and keeps CSF/tissue context
 
 
 def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: bool = True) -> ModelSpec:
@@ -72,41 +70,6 @@ def _install_or_explain(spec: ModelSpec) -> ModelSpec:
                          f"when online run: sct_deepseg_epi -install -model {spec.ref}") from None
 
 
-def get_ensemble(spec: ModelSpec, device: str = "auto", threads: int | None = None, tta: bool = True) -> Ensemble:
-    key = (spec.ref, str(spec.directory), device, threads, tta)
-    if key not in _ENSEMBLES and spec.nnunet is not None:  # an imported nnU-Net model: its own recipe
-        from .nnunet_pipeline import NnunetRunner
-
-        _ENSEMBLES[key] = NnunetRunner(spec, device=device, threads=threads, tta=tta)  # type: ignore[assignment]
-    if key not in _ENSEMBLES:
-        _ENSEMBLES[key] = Ensemble(spec, device=device, threads=threads, tta=tta)
-    return _ENSEMBLES[key]
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the user chose; ``None`` means the model manifest's default."""
-
-    threshold: float | None = None
-    largest: bool | None = None
-    fill_holes: bool | None = None
-    remove_small: str | None = None
-    mode_4d: Mode4D = "mean"
-    device: str = "auto"
-    threads: int | None = None
-    tta: bool = True
-    localise: bool = True  # quick first pass, then the ensemble on a region around the cord
-
-    def post(self, spec: ModelSpec) -> PostOptions:
-        p = spec.postprocess
-        return PostOptions(
-            threshold=spec.threshold if self.threshold is None else self.threshold,
-            largest=p.largest if self.largest is None else self.largest,
-            fill_holes=p.fill_holes if self.fill_holes is None else self.fill_holes,
-            remove_small=p.remove_small if self.remove_small is None else self.remove_small,
-        )
-
-
 @dataclass
 class Frame:
     """One segmented 3D volume on the input's own axes."""
@@ -131,77 +94,42 @@ class Segmentation:
     warnings: list[str] = field(default_factory=list)
 
     def provenance(self) -> dict[str, Any]:
-        return provenance(self.model, self.options, self.provider, self.source, self.timings,
-                          self.warnings, np.asarray(self.mask.dataobj))
+        return provenance(self.model, self.options, self.provider, self.source, self.timings, self.warnings,
+                          int(np.count_nonzero(np.asarray(self.mask.dataobj))))
 
 
-def _localise(prep: Prepared, ens: Ensemble, threshold: float) -> tuple[slice, slice] | None:
-    """Region around every object a quick pass (one member, no flips) finds, or None.
-
-    None (run the whole field) when nothing is found or the region would cover most of it.
-    """
-    quick = ens.predict(prep.batch, quick=True).probability
-    (a0, a1), (b0, b1) = prep.pad
-    found = quick[:, a0:quick.shape[1] - a1, b0:quick.shape[2] - b1] >= threshold
-    roi = roi_around(np.moveaxis(found, 0, 2), ens.spec, prep.model_xy, ROI_MARGIN_MM)
-    if roi is None or (roi[0].stop - roi[0].start) * (roi[1].stop - roi[1].start) > 0.6 * np.prod(prep.model_xy):
-        return None
-    return roi
-
-
-def _segment_ras(data_ras: np.ndarray, vol: Volume, ens: Ensemble, post: PostOptions,
-                 timings: dict[str, float], roi: tuple[slice, slice] | None = None,
-                 localise: bool = False) -> tuple[np.ndarray, ...]:
-    """One 3D RAS array -> (mask, probability, disagreement) on the native RAS grid.
-
-    ``roi`` restricts the ensemble to a region; ``localise`` finds one with a quick pass.
-    """
-    if ens.spec.nnunet is not None:  # an imported nnU-Net model: nnU-Net's own recipe, whole field
-        return ens.segment(data_ras, vol, post, timings)
+def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: PostOptions,
+                 timings: dict[str, float], region: Any = None, localise: bool = False) -> tuple[np.ndarray, Frame]:
+    """One 3D RAS array -> (its mask on the RAS grid, its Frame on the input's own axes)."""
+    probs = backend.predict(data_ras, vol, region=region, localise=localise, timings=timings)
     t0 = time.perf_counter()
-    prep = prepare(data_ras, vol.zooms, ens.spec, roi=roi)
-    t1 = time.perf_counter()
-    if roi is None and localise:
-        roi = _localise(prep, ens, post.threshold)
-        if roi is not None:
-            prep = prepare(data_ras, vol.zooms, ens.spec, roi=roi)
-    out = ens.predict(prep.batch)
-    t2 = time.perf_counter()
-    prob = np.clip(restore(out.probability, prep), 0, 1)
-    dis = restore(out.disagreement, prep)
-    mask = postprocess(prob, post, float(np.prod(vol.zooms)))
-    t3 = time.perf_counter()
-    for k, v in (("preprocess", t1 - t0), ("infer", t2 - t1), ("postprocess", t3 - t2)):
-        timings[k] = timings.get(k, 0.0) + v
-    return mask, prob, dis
-
-
-def _frame(vol: Volume, mask: np.ndarray, prob: np.ndarray, dis: np.ndarray) -> Frame:
-    return Frame(vol.to_native(mask).astype(np.uint8), vol.to_native(prob).astype(np.float32),
-                 vol.to_native(dis).astype(np.float32))
+    mask = finish(probs, post, float(np.prod(vol.zooms)), backend.spec.threshold)
+    timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
+    return mask, Frame(vol.to_native(mask), vol.to_native(probs.probability).astype(np.float32),
+                       vol.to_native(probs.disagreement).astype(np.float32))
 
 
 def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[str, float] | None = None) -> Iterator[Frame]:
     """Segment a Volume: one Frame for a 3D image or ``-4d mean``, one per volume for ``-4d each``.
 
-    With ``-4d each`` the temporal mean is segmented first and every volume is then run on
-    a region around that cord (plus a margin of ROI_MARGIN_MM for motion), normalised with
-    its whole-image statistics: the cord stays inside, and each volume costs a fraction of
-    a full-field pass. Without a cord in the mean, volumes are run on the full field.
+    With ``-4d each`` and a backend that can run on a region, the temporal mean is
+    segmented first and every volume is then run on a region around that cord (plus a
+    margin for motion), normalised with its whole-image statistics: the cord stays inside,
+    and each volume costs a fraction of a full-field pass. Without a cord in the mean,
+    volumes are run on the full field.
     """
     timings = {} if timings is None else timings
-    ens = get_ensemble(spec, options.device, options.threads, options.tta)
+    backend = backend_for(spec, options)
     post = options.post(spec)
-    if vol.is_4d and options.mode_4d == "each":
-        roi = None
-        if spec.nnunet is None:  # nnU-Net's recipe always runs on the whole field
-            mean_mask, _, _ = _segment_ras(vol.data, vol, ens, post, timings, localise=options.localise)
-            model_xy = model_grid_shape(vol.data.shape[:2], vol.zooms[:2], spec.spacing_mm)
-            roi = roi_around(mean_mask, spec, model_xy, ROI_MARGIN_MM)
-        for frame in vol.iter_frames():
-            yield _frame(vol, *_segment_ras(frame, vol, ens, post, timings, roi))
-    else:
-        yield _frame(vol, *_segment_ras(vol.data, vol, ens, post, timings, localise=options.localise))
+    if not (vol.is_4d and options.mode_4d == "each"):
+        yield _segment_ras(vol.data, vol, backend, post, timings, localise=options.localise)[1]
+        return
+    region = None
+    if backend.regional:
+        mean_mask, _ = _segment_ras(vol.data, vol, backend, post, timings, localise=options.localise)
+        region = backend.region_around(mean_mask, vol)
+    for frame in vol.iter_frames():
+        yield _segment_ras(frame, vol, backend, post, timings, region)[1]
 
 
 def _as_volume(image: str | Path | nib.Nifti1Image) -> Volume:
@@ -210,23 +138,26 @@ def _as_volume(image: str | Path | nib.Nifti1Image) -> Volume:
     return from_image(image, getattr(image, "get_filename", lambda: None)() or "<image>")
 
 
+def _options(options: Options | None, changes: dict[str, Any]) -> Options:
+    return (options or Options()).replace(**changes) if changes else (options or Options())
+
+
 def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
-            threshold: float | None = None, largest: bool | None = None, fill_holes: bool | None = None,
-            remove_small: str | None = None, mode_4d: Mode4D = "mean", device: str = "auto",
-            threads: int | None = None, tta: bool = True, localise: bool = True) -> Segmentation:
+            options: Options | None = None, **choices) -> Segmentation:
     """Segment the spinal cord in a 3D or 4D EPI image.
 
-    Parameters mirror the command line; ``None`` takes the model's default. For 4D input,
-    ``mode_4d='mean'`` segments the temporal mean (3D result) and ``'each'`` every volume
-    (4D result, held in memory: use :func:`run` to stream long series to disk).
+    ``options`` (or its fields as keywords: ``threshold=0.3, mode_4d="each"``...) are the
+    :class:`~sct_deepseg_epi.options.Options`; ``None`` fields take the model's default.
+    For 4D input, ``mode_4d='mean'`` segments the temporal mean (3D result) and ``'each'``
+    every volume (4D result, held in memory: use :func:`run` to stream long series to disk).
 
     Returns a :class:`Segmentation` whose ``mask`` (uint8), ``probability`` and
     ``disagreement`` (float32) images lie on the input's own grid.
 
-    Raises InputError for unusable images and ModelError for unknown or damaged models.
+    Raises InputError for unusable images, ModelError for unknown or damaged models and
+    OptionError for bad option values.
     """
-    options = Options(threshold, largest, fill_holes, remove_small, mode_4d, device, threads, tta, localise)
-    _check_options(options)
+    options = _options(options, choices)
     t0 = time.perf_counter()
     vol = _as_volume(image)
     timings = {"read": time.perf_counter() - t0}
@@ -238,37 +169,31 @@ def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpe
     else:
         arrays = tuple(np.stack([getattr(f, k) for f in frames], axis=-1) for k in ("mask", "probability", "disagreement"))
     seg = Segmentation(like(arrays[0], ref), like(arrays[1], ref), like(arrays[2], ref), spec,
-                       get_ensemble(spec, device, threads, tta).provider, options, vol.source, timings,
-                       list(vol.warnings))
-    _warn_if_empty(seg.warnings, vol.source, arrays[0])
+                       backend_for(spec, options).provider, options, vol.source, timings, list(vol.warnings))
+    _warn_if_empty(seg.warnings, vol.source, int(np.count_nonzero(arrays[0])))
     return seg
 
 
-def _check_options(o: Options) -> None:
-    if o.threshold is not None and not 0 <= o.threshold < 1:
-        raise ModelError(f"threshold {o.threshold} must be in [0, 1) (0 writes the soft probability map)")
-    if o.mode_4d not in ("mean", "each"):
-        raise ModelError(f"-4d must be 'mean' or 'each', not {o.mode_4d!r}")
-
-
-def _warn_if_empty(warnings: list[str], source: str, mask: np.ndarray) -> None:
-    if not np.any(mask):
+def _warn_if_empty(warnings: list[str], source: str, cord_voxels: int) -> None:
+    if cord_voxels == 0:
         msg = f"{source}: no spinal cord found; the mask is empty"
         warnings.append(msg)
         log.warning(msg)
 
 
 def provenance(spec: ModelSpec, options: Options, provider: str, source: str, timings: dict[str, float],
-               warnings: list[str], mask: np.ndarray | None = None, input_sha256: str | None = None) -> dict[str, Any]:
-    """The JSON sidecar: what produced a mask, from what, how, and how long it took."""
-    post = options.post(spec)
+               warnings: list[str], cord_voxels: int, input_sha256: str | None = None,
+               outputs: dict[str, str] | None = None) -> dict[str, Any]:
+    """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took."""
+    post = asdict(options.post(spec))
     d: dict[str, Any] = {
         "GeneratedBy": [{"Name": "sct_deepseg_epi", "Version": __version__}],
-        "model": {"name": spec.name, "version": spec.version,
+        "model": {"name": spec.name, "version": spec.version, "backend": spec.backend.kind,
                   "members": [{"file": m.file, "sha256": m.sha256} for m in spec.members]},
         "provider": provider,
-        "threshold": post.threshold,
-        "postprocess": {"largest": post.largest, "fill_holes": post.fill_holes, "remove_small": post.remove_small},
+        "output": options.output,
+        "threshold": post.pop("threshold"),
+        "postprocess": post,
         "tta": options.tta,
         "localise": options.localise,
         "mode_4d": options.mode_4d,
@@ -276,10 +201,10 @@ def provenance(spec: ModelSpec, options: Options, provider: str, source: str, ti
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
         "warnings": list(warnings),
+        "cord_voxels": cord_voxels,
     }
-    if mask is not None:
-        m = np.asarray(mask) > 0
-        d["cord_voxels"] = int(m.sum())
+    if outputs is not None:
+        d["outputs"] = outputs
     return d
 
 
@@ -293,41 +218,42 @@ class RunResult:
     provenance: dict[str, Any]
 
 
+# output name -> (Frame field, dtype); with output="probability" the main file holds the soft map
+_MAPS = {"mask": ("mask", np.uint8), "soft": ("probability", np.float32), "disagreement": ("disagreement", np.float32)}
+
+
 def run(input_path: str | Path, output: str | Path | None = None, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
-        soft: bool = False, disagreement: bool = False, options: Options = Options()) -> RunResult:
+        soft: bool = False, disagreement: bool = False, options: Options | None = None, **choices) -> RunResult:
     """Segment a file and write ``*_seg.nii.gz`` (+ sidecar, optional soft/disagreement maps).
 
-    ``options.threshold == 0`` writes the soft probability map as the main output, as in
-    SCT. A 4D ``-4d each`` series is streamed frame by frame, so memory stays at a few
-    volumes whatever the series length. No output appears unless everything succeeded.
+    ``options.output == "probability"`` writes the soft probability map as the main
+    output, as SCT's ``-thr 0`` does. A 4D ``-4d each`` series is streamed frame by frame,
+    so memory stays at a few volumes whatever the series length. No output appears unless
+    everything succeeded.
     """
-    _check_options(options)
+    options = _options(options, choices)
     t0 = time.perf_counter()
     out = check_output(output or default_output(input_path), [input_path])
     vol = read_volume(input_path)
     timings: dict[str, float] = {"read": time.perf_counter() - t0}
     spec = load_model(model)
-    soft_main = options.threshold == 0
-    if soft_main:
-        options = replace(options, threshold=0.5)  # the mask still drives warnings and counts
     each = vol.is_4d and options.mode_4d == "each"
     shape = vol.image.shape[:3] + ((vol.n_frames,) if each else ())
+    maps = dict(_MAPS, mask=_MAPS["soft"]) if options.output == "probability" else _MAPS
     targets = {"mask": out}
-    if soft and not soft_main:
+    if soft and options.output != "probability":
         targets["soft"] = derived_path(out, "_soft")
     if disagreement:
         targets["disagreement"] = derived_path(out, "_disagreement")
-    dtypes = {"mask": np.float32 if soft_main else np.uint8, "soft": np.float32, "disagreement": np.float32}
-    fields = {"mask": "probability" if soft_main else "mask", "soft": "probability", "disagreement": "disagreement"}
     frames = iter_frames(vol, spec, options, timings)
     n_cord = 0
     with ExitStack() as stack:
         if each:
-            writers = {k: stack.enter_context(FrameWriter(p, vol.image, shape, dtypes[k])) for k, p in targets.items()}
+            writers = {k: stack.enter_context(FrameWriter(p, vol.image, shape, maps[k][1])) for k, p in targets.items()}
             for frame in frames:
                 n_cord += int(np.count_nonzero(frame.mask))
                 for k, w in writers.items():
-                    w.write(getattr(frame, fields[k]))
+                    w.write(getattr(frame, maps[k][0]))
             t1 = time.perf_counter()
             for w in writers.values():
                 w.commit()
@@ -336,17 +262,13 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
             n_cord = int(np.count_nonzero(frame.mask))
             t1 = time.perf_counter()
             for k, p in targets.items():
-                save_nifti(like(getattr(frame, fields[k]).astype(dtypes[k]), vol.image), p)
+                save_nifti(like(getattr(frame, maps[k][0]).astype(maps[k][1]), vol.image), p)
     timings["write"] = time.perf_counter() - t1
     warnings = list(vol.warnings)
-    if n_cord == 0:
-        _warn_if_empty(warnings, vol.source, np.zeros(1))
-    ens = get_ensemble(spec, options.device, options.threads, options.tta)
-    prov = provenance(spec, replace(options, threshold=0 if soft_main else options.threshold), ens.provider,
-                      str(input_path), timings, warnings, input_sha256=store.sha256_file(input_path))
-    prov["cord_voxels"] = n_cord
-    prov["outputs"] = {k: Path(p).name for k, p in targets.items()}
+    _warn_if_empty(warnings, vol.source, n_cord)
     timings["total"] = time.perf_counter() - t0
-    prov["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+    prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
+                      n_cord, input_sha256=store.sha256_file(input_path),
+                      outputs={k: Path(p).name for k, p in targets.items()})
     side = save_json(prov, sidecar_path(out))
     return RunResult(out, side, {k: v for k, v in targets.items() if k != "mask"}, prov)

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import bids
 from .errors import EpiSegError, InputError
+from .options import Options
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Job:
     run: bids.Run
     outputs: bids.Outputs
     model: str                       # a model reference or folder the worker resolves itself
-    options: dict[str, Any]          # api.Options fields, threads excluded
+    options: Options                 # threads: decided by the worker (below)
     threads: int | None              # intra-op threads; None: decided by the worker
     soft: bool = False
     disagreement: bool = False
@@ -258,7 +259,7 @@ def _segment_locked(job: Job, rec: Record) -> None:
             return
         rec.note = f"redone: {why}"
     threads = job.threads or _WORKER_THREADS or _dask_threads()
-    options = api.Options(**job.options, threads=threads)
+    options = job.options.replace(threads=threads)
     work = Path(tempfile.mkdtemp(prefix=f".{job.run.stem}.", suffix=".work", dir=out.folder))
     try:
         res = api.run(job.run.path, work / "mask.nii.gz", model=job.model, soft=job.soft,
@@ -326,10 +327,6 @@ def prepare_derivatives(deriv: Path) -> Path:
     return deriv.resolve()
 
 
-def _settings(options: dict[str, Any], soft: bool, disagreement: bool) -> dict[str, Any]:
-    return {**{k: v for k, v in options.items() if k not in ("device",)}, "soft": soft, "disagreement": disagreement}
-
-
 def read_summary(path: Path) -> dict[str, dict[str, str]]:
     if not path.is_file():
         return {}
@@ -379,7 +376,7 @@ def _write_description(deriv: Path, source: Path, model: dict[str, Any], src_des
 
 
 def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
-              model: str | Path = "seg_sc_epi", options: dict[str, Any] | None = None,
+              model: str | Path = "seg_sc_epi", options: Options | dict[str, Any] | None = None,
               participants: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
               sessions: Sequence[str] | None = None,
               jobs: int = 1, threads: int | None = None, soft: bool = False, disagreement: bool = False,
@@ -388,8 +385,8 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
               progress: Callable[[Record, int, int], None] | None = None) -> BatchResult:
     """Segment every BOLD run of ``bids_dir`` into BIDS derivatives; see the module docstring.
 
-    ``options`` holds :class:`api.Options` fields (``threshold``, ``mode_4d``, ``tta``...,
-    not ``threads``). ``scheduler`` is a Dask scheduler address, or ``'local'`` for a
+    ``options`` is an :class:`~sct_deepseg_epi.options.Options` (or a dict of its fields);
+    its ``threads`` are replaced by ``threads``. ``scheduler`` is a Dask scheduler address, or ``'local'`` for a
     LocalCluster of ``jobs`` workers; ``client`` an existing ``distributed.Client``. Without
     either, ``jobs`` local processes (1: this process) do the work.
 
@@ -399,11 +396,10 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     """
     from . import api
 
-    options = dict(options or {})
-    options.pop("threads", None)
-    if options.get("threshold") == 0:
+    options = Options(**options) if isinstance(options, dict) else (options or Options())
+    options = options.replace(threads=None)
+    if options.output == "probability":
         raise InputError("-thr 0 (soft map as the main output) is not available in batch mode; use -soft 1")
-    api._check_options(api.Options(**options))
     use_dask = scheduler is not None or client is not None
     if use_dask and client is None:
         _require_distributed()  # before anything is written
@@ -419,7 +415,7 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     model_rec = bids.model_record(spec.name, spec.version, [(m.file, m.sha256) for m in spec.members])
     is_folder = isinstance(model, Path) or "/" in str(model) or str(model).startswith(".")
     worker_model = str(spec.directory) if is_folder else f"{spec.name}@{spec.version}"
-    key = bids.resume_key(model_rec, _settings(options, soft, disagreement))
+    key = bids.resume_key(model_rec, {**options.settings(), "soft": soft, "disagreement": disagreement})
 
     from filelock import FileLock
 

@@ -24,3 +24,7 @@ class IntegrityError(ModelError):
 
 class DownloadError(ModelError):
     """A model archive could not be fetched or unpacked."""
+
+
+class OptionError(EpiSegError):
+    """An option value out of range or of the wrong kind (raised where the options are made)."""

@@ -1,28 +1,36 @@
-"""Stage 3, infer: network inputs -> ensemble probabilities on the model grid.
+"""Stage 3, infer: the backend of slice models (``backend.kind == "slices"``).
 
-Each member runs once per flip combination (test-time augmentation); probabilities,
-not logits, are averaged so that members with different calibration weigh the same.
-ONNX Runtime sessions are created once per process and reused for every volume.
+:class:`SliceBackend` prepares a RAS volume on the model's in-plane grid, runs the
+:class:`Ensemble` on it and restores the probabilities to the native grid. Each member
+runs once per flip combination (test-time augmentation); probabilities, not logits, are
+averaged so that members with different calibration weigh the same. ONNX Runtime
+sessions are created once per process and reused for every volume.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import os
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .backend import Probabilities
 from .errors import ModelError
+from .options import DEVICES
+from .preprocess import Prepared, model_grid_shape, prepare, restore, roi_around
 from .registry.manifest import ModelSpec
 
+if TYPE_CHECKING:
+    from .read import Volume
+
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cpu", "cuda")
 _SESSIONS: dict[tuple, object] = {}
 _SHARED_ARENA = False
 PIXELS_PER_CALL = 1 << 19  # input pixels per ONNX Runtime call (about 60 MB of activations)
+ROI_MARGIN_MM = 12.0  # margin around the cord found first: covers motion and keeps CSF/tissue context
 
 
 def _ort():
@@ -98,10 +106,6 @@ def get_session(path: Path, providers: Sequence[str], threads: int, *, shared_ar
     return _SESSIONS[key]
 
 
-def clear_sessions() -> None:
-    _SESSIONS.clear()
-
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     # clipped so exp cannot overflow; float32 throughout (logaddexp is several times slower)
     return (1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))).astype(np.float32, copy=False)
@@ -118,15 +122,6 @@ def _foreground(out: np.ndarray, activation: str) -> np.ndarray:
 def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every combination of the allowed flips, the identity first (as nnUNet mirrors)."""
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
-
-
-@dataclass
-class Probabilities:
-    """Ensemble output on the (padded) model grid, (Z, H, W) each."""
-
-    probability: np.ndarray
-    disagreement: np.ndarray
-    provider: str
 
 
 class Ensemble:
@@ -176,4 +171,51 @@ class Ensemble:
         k = len(sessions)
         mean /= k
         std = np.sqrt(np.maximum(sq / k - mean * mean, 0)).astype(np.float32)
-        return Probabilities(mean, std, self.provider)
+        return Probabilities(mean, std)
+
+
+class SliceBackend:
+    """The slice-model backend: prepare -> ensemble -> restore, optionally on a region around the cord."""
+
+    regional = True
+
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True,
+                 localise_at: float = 0.5):
+        self.spec = spec
+        self.ensemble = Ensemble(spec, device=device, threads=threads, tta=tta)
+        self.provider = self.ensemble.provider
+        self.localise_at = localise_at  # the threshold at which the quick pass finds the cord
+
+    def localise(self, prep: Prepared) -> tuple[slice, slice] | None:
+        """Region around every object a quick pass (one member, no flips) finds, or None.
+
+        None (run the whole field) when nothing is found or the region would cover most of it.
+        """
+        quick = self.ensemble.predict(prep.batch, quick=True).probability
+        (a0, a1), (b0, b1) = prep.pad
+        found = quick[:, a0:quick.shape[1] - a1, b0:quick.shape[2] - b1] >= self.localise_at
+        roi = roi_around(np.moveaxis(found, 0, 2), self.spec, prep.model_xy, ROI_MARGIN_MM)
+        if roi is None or (roi[0].stop - roi[0].start) * (roi[1].stop - roi[1].start) > 0.6 * np.prod(prep.model_xy):
+            return None
+        return roi
+
+    def predict(self, data_ras: np.ndarray, vol: Volume, *, region: tuple[slice, slice] | None = None,
+                localise: bool = False, timings: dict[str, float]) -> Probabilities:
+        t0 = time.perf_counter()
+        prep = prepare(data_ras, vol.zooms, self.spec, roi=region)
+        t1 = time.perf_counter()
+        if region is None and localise:
+            region = self.localise(prep)
+            if region is not None:
+                prep = prepare(data_ras, vol.zooms, self.spec, roi=region)
+        out = self.ensemble.predict(prep.batch)
+        prob = np.clip(restore(out.probability, prep), 0, 1)
+        dis = restore(out.disagreement, prep)
+        t2 = time.perf_counter()
+        timings["preprocess"] = timings.get("preprocess", 0.0) + t1 - t0
+        timings["infer"] = timings.get("infer", 0.0) + t2 - t1
+        return Probabilities(prob, dis)
+
+    def region_around(self, mask_ras: np.ndarray, vol: Volume) -> tuple[slice, slice] | None:
+        model_xy = model_grid_shape(mask_ras.shape[:2], vol.zooms[:2], self.spec.spacing_mm)
+        return roi_around(mask_ras, self.spec, model_xy, ROI_MARGIN_MM)

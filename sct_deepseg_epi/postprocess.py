@@ -1,4 +1,7 @@
-"""Stage 4, postprocess: probabilities on the native RAS grid -> a clean binary mask.
+"""Stage 4, postprocess: a backend's probabilities on the native RAS grid -> a clean mask.
+
+The same for every backend (:func:`finish`): threshold (or the model's own labels at its
+threshold), then the cleaning steps that :class:`~sct_deepseg_epi.options.PostOptions` turns on.
 
 Connected components are computed with numpy alone (a vectorised union-find over the
 mask's bounding box), which keeps scipy out of the inference dependencies; cord masks are
@@ -7,19 +10,14 @@ small, so this costs milliseconds.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .registry.manifest import parse_size
+from .options import PostOptions, parse_size
 
-
-@dataclass(frozen=True)
-class PostOptions:
-    threshold: float = 0.5
-    largest: bool = True
-    fill_holes: bool = True
-    remove_small: str = "0vox"
+if TYPE_CHECKING:
+    from .backend import Probabilities
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
@@ -129,9 +127,22 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def postprocess(prob: np.ndarray, opts: PostOptions, voxel_mm3: float) -> np.ndarray:
-    """Threshold and clean a probability volume (X, Y, Z) on the native RAS grid."""
-    mask = prob >= opts.threshold
+def dilate(mask: np.ndarray, voxels: int) -> np.ndarray:
+    """Grow a mask by ``voxels`` in each axial slice (axes 0, 1), one 8-connected ring at a time."""
+    out = np.asarray(mask, dtype=bool)
+    for _ in range(voxels):
+        grown = out.copy()
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                src = (slice(max(0, -dx), out.shape[0] - max(0, dx)), slice(max(0, -dy), out.shape[1] - max(0, dy)))
+                dst = (slice(max(0, dx), out.shape[0] - max(0, -dx)), slice(max(0, dy), out.shape[1] - max(0, -dy)))
+                grown[dst] |= out[src]
+        out = grown
+    return out
+
+
+def clean(mask: np.ndarray, opts: PostOptions, voxel_mm3: float) -> np.ndarray:
+    """The cleaning steps, in order: small objects, largest object, holes, dilation (the input if none runs)."""
     value, unit = parse_size(opts.remove_small)
     if value > 0:
         mask = remove_small(mask, value / voxel_mm3 if unit == "mm3" else value)
@@ -139,4 +150,29 @@ def postprocess(prob: np.ndarray, opts: PostOptions, voxel_mm3: float) -> np.nda
         mask = keep_largest(mask)
     if opts.fill_holes:
         mask = fill_holes(mask)
+    if opts.dilate:
+        mask = dilate(mask, opts.dilate)
     return mask
+
+
+def postprocess(prob: np.ndarray, opts: PostOptions, voxel_mm3: float) -> np.ndarray:
+    """Threshold and clean a probability volume (X, Y, Z) on the native RAS grid."""
+    return clean(prob >= opts.threshold, opts, voxel_mm3)
+
+
+def finish(probs: Probabilities, opts: PostOptions, voxel_mm3: float, labels_at: float) -> np.ndarray:
+    """The uint8 mask of a backend's output.
+
+    A model with its own label map (nnU-Net's argmax) keeps it at its own threshold
+    ``labels_at``; otherwise, and at any other threshold, ``probability >= threshold``.
+    Cleaning keeps label values; filled holes take label 1.
+    """
+    if probs.labels is not None and opts.threshold == labels_at:
+        labels = probs.labels
+    else:
+        labels = (probs.probability >= opts.threshold).astype(np.uint8)
+    fg = labels > 0
+    kept = clean(fg, opts, voxel_mm3)
+    if kept is not fg:
+        labels = np.where(kept, np.where(fg, labels, 1), 0)
+    return labels.astype(np.uint8, copy=False)

@@ -69,11 +69,39 @@ def test_run_writes_mask_sidecar_and_extras(tiny_model, blob_file):
     assert soft.get_data_dtype() == np.float32 and float(np.asarray(soft.dataobj).max()) <= 1.0
 
 
-def test_run_threshold_zero_writes_soft_map(tiny_model, blob_file):
+def test_output_probability_writes_soft_map_and_threshold_zero_is_its_alias(tiny_model, blob_file, tmp_path):
     path, _ = blob_file
-    res = api.run(path, model="tiny", options=api.Options(threshold=0))
+    res = api.run(path, tmp_path / "p_seg.nii.gz", model="tiny", options=api.Options(output="probability"))
     img = nib.load(str(res.mask))
-    assert img.get_data_dtype() == np.float32 and json.loads(res.sidecar.read_text())["threshold"] == 0
+    side = json.loads(res.sidecar.read_text())
+    assert img.get_data_dtype() == np.float32 and side["output"] == "probability" and side["threshold"] == 0.5
+    assert 0 < np.asarray(img.dataobj).max() <= 1 and side["cord_voxels"] > 0
+    alias = api.run(path, tmp_path / "a_seg.nii.gz", model="tiny", options=api.Options(threshold=0))
+    assert np.array_equal(np.asarray(nib.load(str(alias.mask)).dataobj), np.asarray(img.dataobj))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"threshold": 1.0}, "threshold"), ({"threshold": -0.1}, "threshold"), ({"output": "labels"}, "output"),
+    ({"mode_4d": "median"}, "-4d"), ({"device": "tpu"}, "device"), ({"threads": 0}, "threads"),
+    ({"remove_small": "big"}, "remove_small"),
+])
+def test_bad_options_are_refused_where_they_are_made(bad, message):
+    from sct_deepseg_epi.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        api.Options(**bad)
+    with pytest.raises(TypeError):
+        api.Options(0.5)  # keyword-only
+
+
+def test_options_resolve_over_the_manifest_and_reach_the_sidecar(tiny_model, blob_file, tmp_path):
+    path, _ = blob_file
+    opts = api.Options(largest=False, remove_small="3mm3")
+    post = opts.post(api.load_model("tiny"))
+    assert (post.threshold, post.largest, post.fill_holes, post.remove_small) == (0.5, False, True, "3mm3")
+    side = api.run(path, tmp_path / "o_seg.nii.gz", model="tiny", options=opts).provenance
+    assert side["postprocess"] == {"largest": False, "fill_holes": True, "remove_small": "3mm3", "dilate": 0}
+    assert side["model"]["backend"] == "slices"
 
 
 def test_run_4d_each_streams(tiny_model, tmp_path):
@@ -122,13 +150,13 @@ def test_localised_run_matches_whole_field(tiny_model):
 
 
 def test_localise_finds_roi(tiny_model):
-    from sct_deepseg_epi.api import _localise, get_ensemble
+    from sct_deepseg_epi.backend import backend_for
     from sct_deepseg_epi.preprocess import prepare
     from sct_deepseg_epi.read import from_image
 
     img, _ = blob_image(shape=(120, 110, 4), centre=(90, 30), radius=5, axcodes="RAS")
     vol = from_image(img)
-    ens = get_ensemble(api.load_model("tiny"), "cpu")
-    roi = _localise(prepare(vol.data, vol.zooms, ens.spec), ens, 0.5)
+    backend = backend_for(api.load_model("tiny"), api.Options(device="cpu"))
+    roi = backend.localise(prepare(vol.data, vol.zooms, backend.spec))
     assert roi is not None and roi[0].start <= 85 <= 95 <= roi[0].stop and roi[1].start <= 25 <= 35 <= roi[1].stop
     assert (roi[0].stop - roi[0].start) < 120

@@ -24,7 +24,7 @@ def test_ensemble_probability_and_disagreement(tmp_path):
     s2 = 1 / (1 + np.exp(-2.0))
     assert np.allclose(out.probability, (0.5 + s2) / 2, atol=1e-5)
     assert np.allclose(out.disagreement, (s2 - 0.5) / 2, atol=1e-5)
-    assert out.provider == "CPUExecutionProvider"
+    assert out.labels is None and ens.provider == "CPUExecutionProvider"
 
 
 def test_tta_flip_is_undone(tmp_path):

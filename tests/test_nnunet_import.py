@@ -22,8 +22,8 @@ pytest.importorskip("nnunetv2")
 torch = pytest.importorskip("torch")
 
 from sct_deepseg_epi import api  # noqa: E402
-from sct_deepseg_epi.convert.nnunet import import_nnunet, recipe_from_plans  # noqa: E402
-from sct_deepseg_epi.convert.nnunet_synthetic import plan_dataset, synthetic_case, write_trained  # noqa: E402
+from sct_deepseg_epi.nnunet.convert import import_nnunet, recipe_from_plans  # noqa: E402
+from nnunet_synthetic import plan_dataset, synthetic_case, write_trained  # noqa: E402
 from sct_deepseg_epi.errors import ModelError  # noqa: E402
 from sct_deepseg_epi.registry.manifest import load_manifest, spec_from_dict, spec_to_dict  # noqa: E402
 
@@ -204,7 +204,7 @@ def test_region_based_model_matches_nnunet(tmp_path):
                            logit_scale=8.0)
     model = import_nnunet(folder, tmp_path / "model")
     spec = load_manifest(model)
-    assert spec.nnunet.has_regions and spec.activation == "sigmoid"
+    assert spec.nnunet.has_regions and spec.backend.kind == "nnunet"
     image = _test_image(tmp_path)
     ref_seg, ref_probs = nnunet_reference(folder, image, "SimpleITKIO")
     mask, prob, _ = ours(model, image)
@@ -234,7 +234,8 @@ def test_zip_url_manifest_and_cli(planned, tmp_path):
     d = spec_to_dict(spec)
     assert spec_to_dict(spec_from_dict(d)) == d
     bad = json.loads(json.dumps(d))
-    bad["nnunet"]["tile_overlap"] = 0.5
+    assert d["schema_version"] == 2 and d["backend"]["kind"] == "nnunet" and "input" not in d and "tta" not in d
+    bad["backend"]["tile_overlap"] = 0.5
     with pytest.raises(ModelError, match="tile_overlap"):
         spec_from_dict(bad)
     # an existing output is not overwritten by accident
@@ -260,7 +261,7 @@ def test_running_an_imported_model_needs_neither_torch_nor_nnunetv2(planned, tmp
 
 
 def test_4d_each_runs_every_volume_whole_and_nothing_else(planned, tmp_path, monkeypatch):
-    from sct_deepseg_epi.nnunet_pipeline import NnunetRunner
+    from sct_deepseg_epi.nnunet.pipeline import NnunetBackend
 
     root, plans, dj, raw = planned
     folder = write_trained(tmp_path / "trained", plans, dj, configuration="2d", folds=1, patch_size=[24, 24],
@@ -272,8 +273,8 @@ def test_4d_each_runs_every_volume_whole_and_nothing_else(planned, tmp_path, mon
     image = tmp_path / "bold.nii.gz"
     nib.save(nib.Nifti1Image(series, aff), str(image))
     calls = []
-    real = NnunetRunner.predict
-    monkeypatch.setattr(NnunetRunner, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = NnunetBackend.predict
+    monkeypatch.setattr(NnunetBackend, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     seg = api.segment(image, model=str(model), threads=1, mode_4d="each")
     assert len(calls) == 3  # one whole-field pass per volume; no temporal-mean pass
     masks = np.asarray(seg.mask.dataobj)
@@ -330,7 +331,7 @@ class _RunsCode:
 
 
 def test_checkpoints_load_without_running_code(tmp_path, capsys):
-    from sct_deepseg_epi.convert.nnunet import load_checkpoint
+    from sct_deepseg_epi.nnunet.convert import load_checkpoint
 
     torch.save({"x": _RunsCode()}, tmp_path / "evil.pth")
     with pytest.raises(ModelError, match="cannot load this checkpoint safely"):

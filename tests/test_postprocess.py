@@ -67,3 +67,14 @@ def test_postprocess_mm3_units():
 
 def test_empty_stays_empty():
     assert not postprocess(np.zeros((4, 4, 2), np.float32), PostOptions(), 1.0).any()
+
+
+def test_dilate_grows_each_axial_slice_by_whole_rings():
+    from sct_deepseg_epi.postprocess import dilate
+
+    m = np.zeros((9, 9, 3), bool)
+    m[4, 4, 1] = True
+    assert dilate(m, 0).sum() == 1
+    one, two = dilate(m, 1), dilate(m, 2)
+    assert one[:, :, 1].sum() == 9 and two[:, :, 1].sum() == 25 and not one[:, :, [0, 2]].any()
+    assert postprocess(m.astype(np.float32), PostOptions(dilate=1, largest=False), 1.0).sum() == 9

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sct_deepseg_epi.resample_spline import nearest_index, resize, resize_matrix, resize_separate_z
-from sct_deepseg_epi.tiling import gaussian_weights, pad_amounts, tile_starts
+from sct_deepseg_epi.nnunet.resampling import nearest_index, resize, resize_matrix, resize_separate_z
+from sct_deepseg_epi.nnunet.tiling import gaussian_weights, pad_amounts, tile_starts
 
 
 def test_tile_starts_worked_example():

@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import NoReturn
 
+from ..options import yes_no  # noqa: F401 (the 0|1 flags' parser, for the commands)
+
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line and exit 2, like SCT's."""
@@ -25,23 +27,25 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def yes_no(text: str) -> bool:
-    """Parse SCT's 0|1 flags."""
-    if text in ("0", "1"):
-        return text == "1"
-    raise argparse.ArgumentTypeError(f"expected 0 or 1, not {text!r}")
+def add_engine_flags(group, *, skip: tuple[str, ...] = (), change: dict[str, dict] | None = None) -> None:
+    """``-model`` and a flag per option of :class:`~sct_deepseg_epi.options.Options`, for the commands
+    that segment; ``skip`` leaves options out, ``change`` overrides a flag's argparse keywords."""
+    from ..options import flag_specs
 
-
-def add_engine_flags(group) -> None:
-    """Flags that choose the model and how it runs, shared by the commands that segment."""
     group.add_argument("-model", metavar="<name[@version]>", default="seg_sc_epi",
                        help="Model to use (default: seg_sc_epi, latest version). A model folder also works.")
-    group.add_argument("-4d", dest="mode_4d", choices=("mean", "each"), default="mean",
-                       help="4D input: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).")
-    group.add_argument("-tta", metavar="<0|1>", type=yes_no, default=True,
-                       help="Flip test-time augmentation (default 1; 0 is faster).")
-    group.add_argument("-device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="Where to run (default: auto; cuda needs onnxruntime-gpu).")
+    for name, kw in flag_specs():
+        if name not in skip:
+            kw = {**kw, **(change or {}).get(name, {})}
+            group.add_argument(kw.pop("name"), dest=name, default=None, **{k: v for k, v in kw.items() if v is not None})
+
+
+def options_from_args(args: argparse.Namespace, **fixed):
+    """The Options that the parsed flags of :func:`add_engine_flags` choose (unset flags: the defaults)."""
+    from ..options import Options, flag_specs
+
+    return Options(**{name: getattr(args, name) for name, _ in flag_specs()
+                      if getattr(args, name, None) is not None}, **fixed)
 
 
 def setup_logging(verbosity: int) -> None:

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Sequence
 
-from ._parser import Parser, add_engine_flags, setup_logging, yes_no
+from ._parser import Parser, add_engine_flags, options_from_args, setup_logging, yes_no
 
 log = logging.getLogger("sct_deepseg_epi")
 
@@ -59,9 +59,7 @@ def get_parser() -> Parser:
     o.add_argument("-scheduler", metavar="<address|local>", default=None,
                    help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or 'local' "
                         "for a local cluster of -jobs workers. Needs: pip install 'sct_deepseg_epi[dask]'.")
-    add_engine_flags(o)
-    o.add_argument("-thr", metavar="<float>", type=_threshold, default=None,
-                   help="Binarisation threshold (default: the model's).")
+    add_engine_flags(o, skip=("threads",), change={"threshold": {"type": _threshold}})
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the probability map (*_desc-spinalcord_probseg.nii.gz).")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,
@@ -107,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .. import batch
 
     jobs = batch.cpu_count() if args.jobs == -1 else args.jobs
-    options = {"threshold": args.thr, "mode_4d": args.mode_4d, "tta": args.tta, "device": args.device}
+    options = options_from_args(args)
     progress = _Progress(args.v)
     try:
         result = batch.run_batch(args.bids_dir, args.o, model=args.model, options=options,

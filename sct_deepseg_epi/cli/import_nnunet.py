@@ -39,7 +39,7 @@ def get_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     setup_logging(args.v)
-    from ..convert.nnunet import import_nnunet
+    from ..nnunet.convert import import_nnunet
     from ..registry.manifest import load_manifest
 
     folds = [f.strip() for f in args.folds.split(",") if f.strip()] if args.folds else None

@@ -1,12 +1,11 @@
 """``sct_deepseg_epi -i IN [-o OUT] ...``: segment the spinal cord in a 3D or 4D EPI image."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Sequence
 
-from ._parser import Parser, add_engine_flags, setup_logging, yes_no
+from ._parser import Parser, add_engine_flags, options_from_args, setup_logging, yes_no
 
 log = logging.getLogger("sct_deepseg_epi")
 
@@ -18,13 +17,6 @@ or every volume (-4d each, 4D mask).
 """
 
 
-def _threshold(text: str) -> float:
-    v = float(text)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError("must be in [0, 1); 0 writes the soft probability map")
-    return v
-
-
 def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, epilog: str | None = None) -> Parser:
     """The segmentation parser; ``sct_deepseg seg_sc_epi`` (the SCT task) reuses it under its own name."""
     from . import commands_epilog
@@ -33,25 +25,13 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
     p.mandatory.add_argument("-i", metavar="<file>", help="Input EPI image, 3D or 4D (.nii or .nii.gz).")
     o = p.optional
     o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input.")
-    add_engine_flags(o)
-    o.add_argument("-thr", metavar="<float>", type=_threshold, default=None,
-                   help="Binarisation threshold on the ensemble probability (default: the model's). "
-                        "0 writes the soft probability map instead of a mask.")
-    o.add_argument("-largest", metavar="<0|1>", type=yes_no, default=None,
-                   help="Keep only the largest connected object (default: the model's, 1).")
-    o.add_argument("-fill-holes", metavar="<0|1>", type=yes_no, default=None,
-                   help="Fill holes in each axial slice (default: the model's, 1).")
-    o.add_argument("-remove-small", metavar="<N[vox|mm3]>", default=None,
-                   help="Remove objects smaller than N voxels or mm3 (default: the model's).")
+    add_engine_flags(o, change={"threshold": {"help": "Binarisation threshold on the ensemble probability "
+                                                      "(default: the model's). 0 writes the soft probability map "
+                                                      "instead of a mask (as in SCT)."}})
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the soft probability map as IN_seg_soft.nii.gz.")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the ensemble disagreement (std of members) as IN_seg_disagreement.nii.gz.")
-    o.add_argument("-roi", metavar="<0|1>", type=yes_no, default=True,
-                   help="Find the cord with a quick first pass, then run the ensemble on a region around it "
-                        "(default 1; 0 runs the ensemble on the whole field, slower).")
-    o.add_argument("-threads", metavar="<int>", type=int, default=None,
-                   help="CPU threads for inference (default: all CPUs available to this process).")
     o.add_argument("-qc", metavar="<folder>",
                    help="Write a QC report into this folder: inside SCT, an entry of SCT's QC report; else an HTML "
                         "page per dataset, which shows the ensemble disagreement (IN_seg_disagreement.nii.gz is then "
@@ -99,15 +79,7 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
         if args.custom_url or args.install:
             return 0
         parser.error("the following argument is required: -i")
-    if args.remove_small is not None:
-        from ..registry.manifest import parse_size
-        try:
-            parse_size(args.remove_small)
-        except ValueError as exc:
-            parser.error(f"-remove-small: {exc}")
-    options = api.Options(threshold=args.thr, largest=args.largest, fill_holes=args.fill_holes,
-                          remove_small=args.remove_small, mode_4d=args.mode_4d, device=args.device,
-                          threads=args.threads, tta=args.tta, localise=args.roi)
+    options = options_from_args(args)
     backend = None
     if args.qc:
         from .. import qc

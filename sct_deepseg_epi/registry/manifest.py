@@ -1,32 +1,35 @@
 """Model manifests: the declarative description of a model, validated into a frozen ModelSpec.
 
 A manifest is ``manifest.json`` in a model folder. It says everything the engine needs
-to run the model: the ensemble members and their SHA-256, the input spacing and
-normalisation, test-time flips, threshold, postprocessing defaults, download mirrors
-and provenance. Code never branches on a model's name; it reads these fields.
-Unknown keys are errors so that a typo cannot silently fall back to a default.
+to run the model: the ensemble members and their SHA-256, a ``backend`` section (a tagged
+union on ``kind``: ``slices``, this engine's 2D models with their spacing, normalisation
+and test-time flips; ``nnunet``, an imported nnU-Net v2 recipe), postprocessing defaults
+(threshold included), download mirrors and provenance. Code never branches on a model's
+name; it reads these fields. Unknown keys are errors so that a typo cannot silently fall
+back to a default. Schema 1 manifests (the published 0.1.0 model's) are read through
+:func:`upgrade_v1`.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping, Union
 
 from ..errors import ModelError
+from ..options import PostOptions, parse_size  # noqa: F401 (parse_size: re-exported)
 from .fields import no_leftovers, take
-from .nnunet_recipe import NnunetRecipe, recipe_from_dict, recipe_to_dict
+from ..nnunet.recipe import NnunetRecipe, recipe_from_dict, recipe_to_dict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 NORMALISATION_SCHEMES = ("zscore", "percentile", "none")
 ACTIVATIONS = ("sigmoid", "softmax")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(vox|mm3)?$")
 # Free-form provenance sections: carried into sidecars and model cards, never read by the engine.
 _FREEFORM = ("training", "metrics", "provenance")
 
@@ -47,10 +50,24 @@ class Normalisation:
 
 
 @dataclass(frozen=True)
-class Postprocess:
-    largest: bool = True
-    fill_holes: bool = True
-    remove_small: str = "0vox"
+class SliceModel:
+    """``backend.kind == "slices"``: 2D members run slice by slice on an in-plane grid (this engine's own models)."""
+
+    kind: ClassVar[str] = "slices"
+    spacing_mm: tuple[float, float]
+    context_slices: int = 0
+    size_multiple: int = 16
+    normalisation: Normalisation = Normalisation()
+    activation: str = "sigmoid"
+    flip_axes: tuple[int, ...] = (0,)
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.context_slices + 1
+
+
+# the other kind is NnunetRecipe (``backend.kind == "nnunet"``): a model imported from nnU-Net v2
+BackendSpec = Union[SliceModel, NnunetRecipe]
 
 
 @dataclass(frozen=True)
@@ -61,14 +78,8 @@ class ModelSpec:
     version: str
     description: str
     members: tuple[Member, ...]
-    spacing_mm: tuple[float, float]
-    context_slices: int = 0
-    size_multiple: int = 16
-    normalisation: Normalisation = Normalisation()
-    activation: str = "sigmoid"
-    threshold: float = 0.5
-    tta_flip_axes: tuple[int, ...] = (0,)
-    postprocess: Postprocess = Postprocess()
+    backend: BackendSpec
+    postprocess: PostOptions = PostOptions()
     license: str = ""
     citation: str = ""
     archive: str | None = None
@@ -76,8 +87,6 @@ class ModelSpec:
     mirrors: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     directory: Path | None = None
-    # set for models imported from nnU-Net v2: they run through nnunet_pipeline, not the slice path
-    nnunet: NnunetRecipe | None = None
 
     @property
     def ref(self) -> str:
@@ -85,8 +94,28 @@ class ModelSpec:
         return f"{self.name}@{self.version}"
 
     @property
-    def in_channels(self) -> int:
-        return 2 * self.context_slices + 1
+    def threshold(self) -> float:
+        return self.postprocess.threshold
+
+    @property
+    def slices(self) -> SliceModel:
+        """The slice-model section; an error for another kind of backend."""
+        if not isinstance(self.backend, SliceModel):
+            raise ModelError(f"model {self.ref} is not a slice model (backend {self.backend.kind})")
+        return self.backend
+
+    @property
+    def nnunet(self) -> NnunetRecipe | None:
+        return self.backend if isinstance(self.backend, NnunetRecipe) else None
+
+    # the slice model's fields, read by preprocessing, training and export
+    spacing_mm = property(lambda self: self.slices.spacing_mm)
+    context_slices = property(lambda self: self.slices.context_slices)
+    size_multiple = property(lambda self: self.slices.size_multiple)
+    normalisation = property(lambda self: self.slices.normalisation)
+    activation = property(lambda self: self.slices.activation)
+    tta_flip_axes = property(lambda self: self.slices.flip_axes)
+    in_channels = property(lambda self: self.slices.in_channels)
 
     def member_paths(self) -> list[Path]:
         if self.directory is None:
@@ -94,22 +123,99 @@ class ModelSpec:
         return [self.directory / m.file for m in self.members]
 
 
-def parse_size(text: str) -> tuple[float, str]:
-    """Parse ``-remove-small`` values: ``'20'``, ``'20vox'`` or ``'15mm3'`` -> (value, unit)."""
-    m = _SIZE_RE.match(str(text).strip())
-    if not m:
-        raise ValueError(f"size must look like 20, 20vox or 15mm3, not {text!r}")
-    return float(m.group(1)), m.group(2) or "vox"
+def upgrade_v1(d: dict, where: str) -> dict:
+    """A schema 1 manifest (top-level ``input``/``output``/``tta``, optional ``nnunet``) in the schema 2 layout.
+
+    Schema 1 gave every model the slice model's sections, dummies for an imported nnU-Net
+    model; those are dropped. Published 0.1.0 manifests stay schema 1 (their checksums are public).
+    """
+    d = dict(d)
+    out = take(d, "output", where, dict, {})
+    pp = dict(take(d, "postprocess", where, dict, {}))
+    if "threshold" in out:
+        pp["threshold"] = out.pop("threshold")
+    activation = out.pop("activation", "sigmoid")
+    no_leftovers(out, f"{where}: output")
+    inp = take(d, "input", where, dict)
+    tta = take(d, "tta", where, dict, {})
+    nn = take(d, "nnunet", where, dict, None)
+    if nn is not None:
+        backend = {"kind": "nnunet", **nn}
+    else:
+        backend = {"kind": "slices", **inp, "activation": activation, "flip_axes": tta.pop("flip_axes", [0])}
+        no_leftovers(tta, f"{where}: tta")
+    d.update(schema_version=SCHEMA_VERSION, backend=backend, postprocess=pp)
+    return d
+
+
+def _slice_model(b: dict, w: str) -> SliceModel:
+    spacing = take(b, "spacing_mm", w, list)
+    if len(spacing) != 2 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in spacing):
+        raise ModelError(f"{w}: spacing_mm must be two positive numbers (in-plane x, y)")
+    context = take(b, "context_slices", w, int, 0)
+    multiple = take(b, "size_multiple", w, int, 16)
+    if context < 0 or multiple < 1:
+        raise ModelError(f"{w}: context_slices must be >= 0 and size_multiple >= 1")
+    norm_raw = take(b, "normalisation", w, dict, {})
+    wn = f"{w}.normalisation"
+    scheme = take(norm_raw, "scheme", wn, str, "zscore")
+    if scheme not in NORMALISATION_SCHEMES:
+        raise ModelError(f"{wn}: scheme {scheme!r} is not one of {', '.join(NORMALISATION_SCHEMES)}")
+    clip = take(norm_raw, "clip_percentiles", wn, (list, type(None)), [0.5, 99.5])
+    if clip is not None and (len(clip) != 2 or not 0 <= clip[0] < clip[1] <= 100):
+        raise ModelError(f"{wn}: clip_percentiles must be [low, high] with 0 <= low < high <= 100")
+    no_leftovers(norm_raw, wn)
+    activation = take(b, "activation", w, str, "sigmoid")
+    if activation not in ACTIVATIONS:
+        raise ModelError(f"{w}: activation must be one of {', '.join(ACTIVATIONS)}")
+    flips = take(b, "flip_axes", w, list, [0])
+    if any(a not in (0, 1) for a in flips) or len(set(flips)) != len(flips):
+        raise ModelError(f"{w}: flip_axes may hold 0 (left-right) and 1 (anterior-posterior)")
+    no_leftovers(b, w)
+    return SliceModel((float(spacing[0]), float(spacing[1])), context, multiple,
+                      Normalisation(scheme, tuple(clip) if clip else None), activation, tuple(flips))
+
+
+def _backend(raw: dict, where: str) -> BackendSpec:
+    b = dict(raw)
+    w = f"{where}: backend"
+    kind = take(b, "kind", w, str)
+    if kind == "slices":
+        return _slice_model(b, w)
+    if kind == "nnunet":
+        return recipe_from_dict(b, where)
+    raise ModelError(f"{w}: kind {kind!r} is not one of slices, nnunet")
+
+
+def _postprocess(raw: dict, where: str) -> PostOptions:
+    """The model's postprocessing defaults: any PostOptions field, typed as its default."""
+    pp, w, kw = dict(raw), f"{where}: postprocess", {}
+    for f in fields(PostOptions):
+        kind = (int, float) if isinstance(f.default, float) else (str, int) if isinstance(f.default, str) else type(f.default)
+        if f.name in pp:
+            value = take(pp, f.name, w, kind)
+            kw[f.name] = float(value) if isinstance(f.default, float) else str(value) if isinstance(f.default, str) else value
+    no_leftovers(pp, w)
+    try:
+        post = PostOptions(**kw)
+    except ValueError as exc:
+        raise ModelError(f"{w}: {exc}") from None
+    if not 0 < post.threshold < 1:
+        raise ModelError(f"{w}: threshold must be strictly between 0 and 1")
+    return post
 
 
 def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory: Path | None = None) -> ModelSpec:
-    """Validate a manifest dictionary. Raises ModelError naming ``where`` and the bad field."""
+    """Validate a manifest dictionary (schema 1 or 2). Raises ModelError naming ``where`` and the bad field."""
     d = json.loads(json.dumps(raw))  # deep copy, and proof that it is plain JSON
     if not isinstance(d, dict):
         raise ModelError(f"{where}: a manifest must be a JSON object")
     schema = take(d, "schema_version", where, int)
-    if schema != SCHEMA_VERSION:
-        raise ModelError(f"{where}: schema_version {schema} is not supported (this version reads {SCHEMA_VERSION})")
+    if schema == 1:
+        d = upgrade_v1(d, where)
+        d.pop("schema_version")
+    elif schema != SCHEMA_VERSION:
+        raise ModelError(f"{where}: schema_version {schema} is not supported (this version reads 1 and {SCHEMA_VERSION})")
     name = take(d, "name", where, str)
     version = take(d, "version", where, str)
     if not _NAME_RE.match(name):
@@ -138,54 +244,8 @@ def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory
     if len({m.file for m in members}) != len(members):
         raise ModelError(f"{where}: member file names must be unique")
 
-    inp = take(d, "input", where, dict)
-    w = f"{where}: input"
-    spacing = take(inp, "spacing_mm", w, list)
-    if len(spacing) != 2 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in spacing):
-        raise ModelError(f"{w}: spacing_mm must be two positive numbers (in-plane x, y)")
-    context = take(inp, "context_slices", w, int, 0)
-    multiple = take(inp, "size_multiple", w, int, 16)
-    if context < 0 or multiple < 1:
-        raise ModelError(f"{w}: context_slices must be >= 0 and size_multiple >= 1")
-    norm_raw = take(inp, "normalisation", w, dict, {})
-    wn = f"{w}.normalisation"
-    scheme = take(norm_raw, "scheme", wn, str, "zscore")
-    if scheme not in NORMALISATION_SCHEMES:
-        raise ModelError(f"{wn}: scheme {scheme!r} is not one of {', '.join(NORMALISATION_SCHEMES)}")
-    clip = take(norm_raw, "clip_percentiles", wn, (list, type(None)), [0.5, 99.5])
-    if clip is not None and (len(clip) != 2 or not 0 <= clip[0] < clip[1] <= 100):
-        raise ModelError(f"{wn}: clip_percentiles must be [low, high] with 0 <= low < high <= 100")
-    no_leftovers(norm_raw, wn)
-    no_leftovers(inp, w)
-
-    out = take(d, "output", where, dict, {})
-    wo = f"{where}: output"
-    activation = take(out, "activation", wo, str, "sigmoid")
-    if activation not in ACTIVATIONS:
-        raise ModelError(f"{wo}: activation must be one of {', '.join(ACTIVATIONS)}")
-    threshold = float(take(out, "threshold", wo, (int, float), 0.5))
-    if not 0 < threshold < 1:
-        raise ModelError(f"{wo}: threshold must be strictly between 0 and 1")
-    no_leftovers(out, wo)
-
-    tta = take(d, "tta", where, dict, {})
-    flips = take(tta, "flip_axes", f"{where}: tta", list, [0])
-    if any(a not in (0, 1) for a in flips) or len(set(flips)) != len(flips):
-        raise ModelError(f"{where}: tta.flip_axes may hold 0 (left-right) and 1 (anterior-posterior)")
-    no_leftovers(tta, f"{where}: tta")
-
-    pp = take(d, "postprocess", where, dict, {})
-    wp = f"{where}: postprocess"
-    post = Postprocess(
-        largest=take(pp, "largest", wp, bool, True),
-        fill_holes=take(pp, "fill_holes", wp, bool, True),
-        remove_small=str(take(pp, "remove_small", wp, (str, int), "0vox")),
-    )
-    try:
-        parse_size(post.remove_small)
-    except ValueError as exc:
-        raise ModelError(f"{wp}: remove_small: {exc}") from None
-    no_leftovers(pp, wp)
+    backend = _backend(take(d, "backend", where, dict), where)
+    post = _postprocess(take(d, "postprocess", where, dict, {}), where)
 
     dl = take(d, "download", where, dict, {})
     wd = f"{where}: download"
@@ -198,8 +258,6 @@ def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory
         raise ModelError(f"{wd}: mirrors must be http(s):// or file:// URLs")
     no_leftovers(dl, wd)
 
-    nn_raw = take(d, "nnunet", where, dict, None)
-    nnunet = recipe_from_dict(nn_raw, where) if nn_raw is not None else None
     extra = {k: d.pop(k) for k in _FREEFORM if k in d}
     for k in ("license", "citation"):
         if k in d and not isinstance(d[k], str):
@@ -207,12 +265,10 @@ def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory
     lic, cit = d.pop("license", ""), d.pop("citation", "")
     no_leftovers(d, where)
     return ModelSpec(
-        name=name, version=version, description=description, members=tuple(members),
-        spacing_mm=(float(spacing[0]), float(spacing[1])), context_slices=context,
-        size_multiple=multiple, normalisation=Normalisation(scheme, tuple(clip) if clip else None),
-        activation=activation, threshold=threshold, tta_flip_axes=tuple(flips), postprocess=post,
-        license=lic, citation=cit, archive=archive, archive_sha256=archive_sha.lower() if archive_sha else None,
-        mirrors=tuple(mirrors), extra=MappingProxyType(extra), directory=directory, nnunet=nnunet,
+        name=name, version=version, description=description, members=tuple(members), backend=backend,
+        postprocess=post, license=lic, citation=cit, archive=archive,
+        archive_sha256=archive_sha.lower() if archive_sha else None,
+        mirrors=tuple(mirrors), extra=MappingProxyType(extra), directory=directory,
     )
 
 
@@ -228,26 +284,27 @@ def load_manifest(folder: Path) -> ModelSpec:
     return spec_from_dict(raw, where=str(path), directory=Path(folder))
 
 
+def backend_to_dict(b: BackendSpec) -> dict[str, Any]:
+    if isinstance(b, NnunetRecipe):
+        return {"kind": "nnunet", **recipe_to_dict(b)}
+    n = b.normalisation
+    return {"kind": "slices", "spacing_mm": list(b.spacing_mm), "context_slices": b.context_slices,
+            "size_multiple": b.size_multiple,
+            "normalisation": {"scheme": n.scheme, "clip_percentiles": list(n.clip_percentiles) if n.clip_percentiles else None},
+            "activation": b.activation, "flip_axes": list(b.flip_axes)}
+
+
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
-    """The manifest dictionary of ``spec`` (inverse of :func:`spec_from_dict`)."""
+    """The schema 2 manifest dictionary of ``spec`` (inverse of :func:`spec_from_dict`)."""
     d: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "name": spec.name, "version": spec.version,
         "description": spec.description, "license": spec.license, "citation": spec.citation,
         "members": [{"file": m.file, "sha256": m.sha256, **({"size": m.size} if m.size is not None else {})}
                     for m in spec.members],
-        "input": {"spacing_mm": list(spec.spacing_mm), "context_slices": spec.context_slices,
-                  "size_multiple": spec.size_multiple,
-                  "normalisation": {"scheme": spec.normalisation.scheme,
-                                    "clip_percentiles": list(spec.normalisation.clip_percentiles)
-                                    if spec.normalisation.clip_percentiles else None}},
-        "output": {"activation": spec.activation, "threshold": spec.threshold},
-        "tta": {"flip_axes": list(spec.tta_flip_axes)},
-        "postprocess": {"largest": spec.postprocess.largest, "fill_holes": spec.postprocess.fill_holes,
-                        "remove_small": spec.postprocess.remove_small},
+        "backend": backend_to_dict(spec.backend),
+        "postprocess": asdict(spec.postprocess),
         "download": {"archive": spec.archive, "sha256": spec.archive_sha256, "mirrors": list(spec.mirrors)},
     }
-    if spec.nnunet is not None:
-        d["nnunet"] = recipe_to_dict(spec.nnunet)
     d.update({k: v for k, v in spec.extra.items()})
     return json.loads(json.dumps(d))
 

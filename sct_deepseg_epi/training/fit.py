@@ -63,11 +63,11 @@ def base_spec(cfg: TrainConfig, name: str = "model", version: str = "0.0.0") -> 
     return spec_from_dict({
         "schema_version": SCHEMA_VERSION, "name": name, "version": version,
         "members": [{"file": "placeholder.onnx", "sha256": "0" * 64}],
-        "input": {"spacing_mm": [cfg.spacing_mm, cfg.spacing_mm], "context_slices": cfg.context_slices,
-                  "size_multiple": 2 ** cfg.net.levels,
-                  "normalisation": {"scheme": "zscore", "clip_percentiles": [0.5, 99.5]}},
-        "output": {"activation": "sigmoid", "threshold": 0.5},
-        "tta": {"flip_axes": [0]},
+        "backend": {"kind": "slices", "spacing_mm": [cfg.spacing_mm, cfg.spacing_mm],
+                    "context_slices": cfg.context_slices, "size_multiple": 2 ** cfg.net.levels,
+                    "normalisation": {"scheme": "zscore", "clip_percentiles": [0.5, 99.5]},
+                    "activation": "sigmoid", "flip_axes": [0]},
+        "postprocess": {"threshold": 0.5},
     }, where="training")
 
 

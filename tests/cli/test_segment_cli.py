@@ -27,7 +27,7 @@ def test_flags_reach_the_engine(tiny_model, blob_file):
     assert main(["-i", str(path), "-o", str(out), "-model", "tiny@1.0.0", "-thr", "0.3", "-largest", "0",
                  "-fill-holes", "0", "-remove-small", "5mm3", "-tta", "0", "-device", "cpu", "-v", "0"]) == 0
     side = json.loads((path.parent / "custom.json").read_text())
-    assert side["threshold"] == 0.3 and side["postprocess"] == {"largest": False, "fill_holes": False, "remove_small": "5mm3"}
+    assert side["threshold"] == 0.3 and side["postprocess"] == {"largest": False, "fill_holes": False, "remove_small": "5mm3", "dilate": 0}
     assert side["tta"] is False
 
 
@@ -143,3 +143,13 @@ def test_subprocess_segment(tiny_model, blob_file):
     assert r.returncode == 0, r.stderr
     out = np.asarray(nib.load(str(path.parent / "blob_seg.nii.gz")).dataobj)
     assert (out == mask).mean() > 0.99
+
+
+def test_a_postprocess_option_reaches_flags_mask_and_sidecar(tiny_model, blob_file, tmp_path):
+    path, _ = blob_file
+    plain, grown = tmp_path / "plain_seg.nii.gz", tmp_path / "grown_seg.nii.gz"
+    assert main(["-i", str(path), "-o", str(plain), "-model", "tiny", "-threads", "1"]) == 0
+    assert main(["-i", str(path), "-o", str(grown), "-model", "tiny", "-threads", "1", "-dilate", "1"]) == 0
+    a, b = (np.asarray(nib.load(str(p)).dataobj) for p in (plain, grown))
+    assert b.sum() > a.sum() and np.all(b[a > 0] == 1)
+    assert json.loads(grown.with_name("grown_seg.json").read_text())["postprocess"]["dilate"] == 1

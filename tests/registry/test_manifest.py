@@ -5,6 +5,7 @@ import json
 
 import pytest
 from conftest import make_model_folder
+from nnunet_fixtures import make_nnunet_folder
 
 from sct_deepseg_epi.errors import ModelError
 from sct_deepseg_epi.registry.manifest import load_manifest, parse_size, spec_from_dict, spec_to_dict, write_manifest
@@ -21,7 +22,7 @@ def test_minimal_manifest_gets_defaults():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"schema_version": 2}, "schema_version 2"),
+    ({"schema_version": 3}, "schema_version 3"),
     ({"name": "Bad-Name"}, "name"),
     ({"version": "1.0"}, "MAJOR.MINOR.PATCH"),
     ({"members": []}, "at least one"),
@@ -70,3 +71,31 @@ def test_parse_size():
 def test_fixture_model_is_valid(tmp_path):
     spec = load_manifest(make_model_folder(tmp_path / "m"))
     assert len(spec.members) == 3 and json.loads((tmp_path / "m" / "manifest.json").read_text())["name"] == "tiny"
+
+
+def test_backend_is_a_tagged_union_and_schema_1_still_reads(tmp_path):
+    from sct_deepseg_epi.registry import store
+    from sct_deepseg_epi.registry.manifest import NnunetRecipe, SliceModel
+
+    packaged = store.packaged_root() / "seg_sc_epi" / "0.1.0"
+    raw = json.loads((packaged / "manifest.json").read_text())
+    assert raw["schema_version"] == 1  # published as it is: its checksums are public
+    spec = load_manifest(packaged)
+    assert isinstance(spec.backend, SliceModel) and spec.backend.kind == "slices" and spec.nnunet is None
+    assert spec.spacing_mm == (1.0, 1.0) and spec.tta_flip_axes == (0,) and spec.threshold == 0.5
+    d = spec_to_dict(spec)
+    assert d["schema_version"] == 2 and set(d) >= {"backend", "postprocess"} and not {"input", "output", "tta"} & set(d)
+    assert spec_from_dict(d, directory=packaged) == spec
+    # a schema 1 nnU-Net manifest: its dummy slice sections are dropped
+    nn = load_manifest(make_nnunet_folder(tmp_path / "nn"))
+    assert isinstance(nn.backend, NnunetRecipe) and nn.nnunet is nn.backend
+    assert "input" not in spec_to_dict(nn) and spec_to_dict(nn)["backend"]["kind"] == "nnunet"
+    with pytest.raises(ModelError, match="not a slice model"):
+        nn.spacing_mm
+    bad = spec_to_dict(spec)
+    bad["backend"]["kind"] = "unet3d"
+    with pytest.raises(ModelError, match="kind 'unet3d'"):
+        spec_from_dict(bad)
+    bad["backend"] = {"kind": "slices", "spacing_mm": [1, 1], "patch_size": [4]}
+    with pytest.raises(ModelError, match="unknown field"):
+        spec_from_dict(bad)

@@ -6,7 +6,7 @@ or a tree of such folders) holds ``plans.json``, ``dataset.json`` and
 with nnunetv2 (the ``nnunet`` extra: torch and nnunetv2 are needed here only), loads each
 fold's weights with ``torch.load(weights_only=True)``, exports it to ONNX, checks that ONNX
 Runtime gives the same logits as torch, and writes a model folder of this engine. The
-engine then runs it without torch (:mod:`sct_deepseg_epi.nnunet_pipeline`).
+engine then runs it without torch (:mod:`sct_deepseg_epi.nnunet.pipeline`).
 
 Anything the engine cannot reproduce exactly is refused up front with a message naming the
 feature: cascades, several input channels, other image readers, normalisation schemes or
@@ -32,7 +32,7 @@ from ..errors import ModelError
 from ..registry import download
 from ..registry.manifest import load_manifest, write_manifest
 from ..registry.store import sha256_file
-from ..registry.nnunet_recipe import IMAGE_READERS, NORMALISATIONS
+from .recipe import IMAGE_READERS, NORMALISATIONS
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint_final.pth"
@@ -361,18 +361,14 @@ def _manifest(plans: dict, dataset: dict, recipe: dict, configuration: str, trai
     regions = recipe["regions_class_order"] is not None
     labels = ", ".join(f"{k}={v}" for k, v in dataset.get("labels", {}).items())
     return {
-        "schema_version": 1, "name": name, "version": version,
+        "schema_version": 2, "name": name, "version": version,
         "description": f"nnU-Net v2 {configuration} model imported from {plans.get('dataset_name', '?')} "
                        f"({len(members)} fold(s); labels {labels})",
         "license": "", "citation": "",
         "members": members,
-        "input": {"spacing_mm": inplane, "context_slices": 0, "size_multiple": 1,
-                  "normalisation": {"scheme": "none", "clip_percentiles": None}},
-        "output": {"activation": "sigmoid" if regions else "softmax", "threshold": 0.5},
-        "tta": {"flip_axes": []},
+        "backend": {"kind": "nnunet", **recipe},
         # nnU-Net returns its labels as they are; cleaning stays opt-in (-largest, -fill-holes)
-        "postprocess": {"largest": False, "fill_holes": False, "remove_small": "0vox"},
-        "nnunet": recipe,
+        "postprocess": {"threshold": 0.5, "largest": False, "fill_holes": False, "remove_small": "0vox"},
         "provenance": {"source": {
             "kind": "nnunet", "from": str(source), "dataset_name": plans.get("dataset_name"),
             "plans_name": plans.get("plans_name"), "configuration": configuration, "trainer": trainer,

@@ -1,16 +1,15 @@
 """Run an imported nnU-Net v2 model with ONNX Runtime and numpy only (no torch, no nnunetv2).
 
 The steps and their order are nnU-Net's own inference recipe, read from the manifest's
-``nnunet`` section (see :mod:`sct_deepseg_epi.registry.nnunet_recipe`):
+``backend`` section (``kind: nnunet``, see :mod:`sct_deepseg_epi.nnunet.recipe`):
 
     image axes as nnU-Net's reader gives them -> transpose -> crop to the non-zero box
     -> normalise -> resample to the target spacing -> sliding window (Gaussian blend,
     mirroring) per fold -> mean of the folds' logits -> resample back -> softmax/sigmoid
     -> labels -> uncrop -> transpose back
 
-Each step records what it changed so the way back is exact. The engine's API calls
-:meth:`NnunetRunner.segment` instead of the 2D slice path whenever a manifest carries an
-``nnunet`` section.
+Each step records what it changed so the way back is exact. :class:`NnunetBackend` is
+this kind's backend (see :mod:`sct_deepseg_epi.backend`): it always runs on the whole field.
 """
 from __future__ import annotations
 
@@ -22,12 +21,13 @@ from typing import Iterable, Sequence
 import numpy as np
 from nibabel.orientations import apply_orientation
 
-from .errors import ModelError
-from .infer import default_threads, get_session, new_session, providers_for
-from .postprocess import PostOptions, fill_holes, keep_largest, label, remove_small
-from .registry.manifest import ModelSpec, parse_size
-from .registry.nnunet_recipe import ChannelNorm, NnunetRecipe, Resampling
-from .resample_spline import resize, resize_separate_z
+from ..backend import Probabilities
+from ..errors import ModelError
+from ..infer import default_threads, get_session, new_session, providers_for
+from ..postprocess import label
+from ..registry.manifest import ModelSpec
+from .recipe import ChannelNorm, NnunetRecipe, Resampling
+from .resampling import resize, resize_separate_z
 from .tiling import gaussian_weights, pad_amounts, tile_starts
 
 # voxels of network input per ONNX call: small tiles are batched (4 x 128^2), large 3D tiles run one by one;
@@ -231,7 +231,6 @@ class NnunetResult:
     labels: np.ndarray
     probability: np.ndarray      # foreground probability (1 - background, or the widest region)
     disagreement: np.ndarray     # std of the foreground probability across folds
-    probabilities: np.ndarray    # (K, Z, Y, X) per class/region, as nnU-Net exports them
 
 
 def _foreground(probs: np.ndarray, regions: bool) -> np.ndarray:
@@ -316,9 +315,7 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
     t3 = time.perf_counter()
     for k, v in (("preprocess", t1 - t0), ("infer", t2 - t1), ("postprocess", t3 - t2)):
         timings[k] = timings.get(k, 0.0) + v
-    back = (0, *[i + 1 for i in tb])
-    return NnunetResult(full_seg.transpose(tb), fg.transpose(tb), full_std.transpose(tb),
-                        full_probs.transpose(back))
+    return NnunetResult(full_seg.transpose(tb), fg.transpose(tb), full_std.transpose(tb))
 
 
 # members up to this total size stay loaded between volumes (fast batches); larger models
@@ -327,16 +324,15 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
 KEEP_SESSIONS_MB = 256
 
 
-class NnunetRunner:
-    """The ONNX members of an imported nnU-Net model, driven by the recipe in its manifest.
+class NnunetBackend:
+    """The backend of imported nnU-Net models: the ONNX folds driven by the recipe in the manifest."""
 
-    Plays the part of :class:`~sct_deepseg_epi.infer.Ensemble` for the API (``spec``,
-    ``provider``); :meth:`segment` replaces the 2D slice path.
-    """
+    regional = False  # nnU-Net's recipe always runs on the whole field
 
-    def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True):
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True,
+                 localise_at: float = 0.5):
         if spec.nnunet is None:
-            raise ModelError(f"model {spec.ref} has no nnunet section")
+            raise ModelError(f"model {spec.ref} is not an imported nnU-Net model")
         self.spec = spec
         self.recipe = spec.nnunet
         self.providers = providers_for(device)
@@ -357,34 +353,13 @@ class NnunetRunner:
         for p in self.paths:
             yield new_session(p, self.providers, self.threads, shared_arena=True)
 
-    def predict(self, data_ras: np.ndarray, vol, timings: dict[str, float] | None = None):
-        """Labels, foreground probability and disagreement on the RAS grid of ``vol``."""
+    def predict(self, data_ras: np.ndarray, vol, *, region=None, localise: bool = False,
+                timings: dict[str, float]) -> Probabilities:
+        """nnU-Net's labels, foreground probability and disagreement on the RAS grid of ``vol``."""
         arr, spacing, back = reader_view(data_ras, vol.zooms, vol.to_ras, vol.from_ras, self.recipe.image_reader)
         res = predict_reader_array(self.sessions(), arr, spacing, self.recipe, mirror=self.tta, timings=timings)
-        return back(res.labels), back(res.probability), back(res.disagreement)
+        return Probabilities(np.clip(back(res.probability), 0, 1).astype(np.float32),
+                             back(res.disagreement).astype(np.float32), back(res.labels).astype(np.uint8))
 
-    def segment(self, data_ras: np.ndarray, vol, post: PostOptions, timings: dict[str, float]):
-        """(mask, probability, disagreement) on the RAS grid; the mask is nnU-Net's label map.
-
-        At the manifest's threshold (0.5) the labels are nnU-Net's own (argmax, or regions
-        above 0.5); another threshold gives a binary mask of ``probability >= threshold``.
-        The optional cleaning (small objects, largest component, holes) keeps label values;
-        filled holes take label 1.
-        """
-        labels, prob, dis = self.predict(data_ras, vol, timings)
-        t0 = time.perf_counter()
-        if post.threshold != self.spec.threshold:
-            labels = (prob >= post.threshold).astype(np.uint8)
-        fg = labels > 0
-        clean = fg
-        value, unit = parse_size(post.remove_small)
-        if value > 0:
-            clean = remove_small(clean, value / float(np.prod(vol.zooms)) if unit == "mm3" else value)
-        if post.largest:
-            clean = keep_largest(clean)
-        if post.fill_holes:
-            clean = fill_holes(clean)
-        if clean is not fg:
-            labels = np.where(clean, np.where(fg, labels, 1), 0).astype(np.uint8)
-        timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
-        return labels.astype(np.uint8), np.clip(prob, 0, 1).astype(np.float32), dis.astype(np.float32)
+    def region_around(self, mask_ras: np.ndarray, vol) -> None:
+        return None

@@ -1,16 +1,16 @@
-"""The ``nnunet`` section of a manifest: how an imported nnU-Net v2 model must be run.
+"""The ``nnunet`` backend section of a manifest: how an imported nnU-Net v2 model must be run.
 
 An nnU-Net model is not a 2D slice model: it has its own axis order, target spacing,
 resampling rules, normalisation, patch size and sliding window. ``import-nnunet`` copies
-those from the model's ``plans.json``/``dataset.json``/checkpoints into this section, and
-the engine runs the model through :mod:`sct_deepseg_epi.nnunet_pipeline` whenever a
-manifest carries it. Validation is as strict as the rest of the manifest: unknown keys
+those from the model's ``plans.json``/``dataset.json``/checkpoints into the manifest's
+``backend`` section (``"kind": "nnunet"``), and the engine runs the model through
+:mod:`sct_deepseg_epi.nnunet.pipeline`. Validation is as strict as the rest of the manifest: unknown keys
 and unsupported features are errors that name the field.
 
 Example::
 
-    "nnunet": {
-      "configuration": "3d_fullres", "image_reader": "SimpleITKIO",
+    "backend": {
+      "kind": "nnunet", "configuration": "3d_fullres", "image_reader": "SimpleITKIO",
       "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
       "spacing": [5.0, 1.0, 1.0], "patch_size": [16, 128, 128], "step_size": 0.5,
       "mirror_axes": [0, 1, 2],
@@ -24,10 +24,10 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from ..errors import ModelError
-from .fields import no_leftovers, take
+from ..registry.fields import no_leftovers, take
 
 IMAGE_READERS = ("SimpleITKIO", "NibabelIO", "NibabelIOWithReorient")
 NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization")
@@ -55,6 +55,7 @@ class ChannelNorm:
 class NnunetRecipe:
     """nnU-Net's inference recipe, in nnU-Net's own (transposed, z-first) axis order."""
 
+    kind: ClassVar[str] = "nnunet"
     configuration: str
     image_reader: str
     transpose_forward: tuple[int, ...]
@@ -71,10 +72,6 @@ class NnunetRecipe:
     regions_class_order: tuple[int, ...] | None = None
     # nnU-Net blends tiles in float16 on every device; "float32" is exact maths, minutely different
     blend_precision: str = "float16"
-
-    @property
-    def is_2d(self) -> bool:
-        return len(self.patch_size) == 2
 
     @property
     def has_regions(self) -> bool:

@@ -1,0 +1,159 @@
+"""What the user chose: one keyword-only object, validated where it is made.
+
+:class:`Options` is shared by :func:`api.segment`, :func:`api.run`, :func:`batch.run_batch`,
+the SCT task and the command line, whose flags are built from the fields' metadata
+(:func:`flag_specs`). Its postprocessing part resolves, against a model's manifest, into
+:class:`PostOptions`, which the manifest's ``postprocess`` section, the sidecar and the
+batch resume key all read field by field.
+
+A new postprocessing option is a field of PostOptions (its type and default) and of
+Options (its flag), both here, and its step in ``postprocess.py``: nothing else changes.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from .errors import OptionError
+
+if TYPE_CHECKING:
+    from .registry.manifest import ModelSpec
+
+Mode4D = Literal["mean", "each"]
+Output = Literal["mask", "probability"]
+DEVICES = ("auto", "cpu", "cuda")
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(vox|mm3)?$")
+
+
+def parse_size(text: str) -> tuple[float, str]:
+    """Parse ``-remove-small`` values: ``'20'``, ``'20vox'`` or ``'15mm3'`` -> (value, unit)."""
+    m = _SIZE_RE.match(str(text).strip())
+    if not m:
+        raise ValueError(f"size must look like 20, 20vox or 15mm3, not {text!r}")
+    return float(m.group(1)), m.group(2) or "vox"
+
+
+def yes_no(text: str) -> bool:
+    """Parse SCT's 0|1 flags."""
+    if text in ("0", "1"):
+        return text == "1"
+    raise argparse.ArgumentTypeError(f"expected 0 or 1, not {text!r}")
+
+
+def _threshold(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError("must be in [0, 1); -thr 0 (the soft map instead of a mask) "
+                                         "is an alias of -soft 1")
+    return v
+
+
+def _size(text: str) -> str:
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _flag(name: str, metavar: str | None, parse: Callable | None, help: str, **kw) -> dict[str, Any]:
+    return {"flag": dict(name=name, metavar=metavar, type=parse, help=help, **kw)}
+
+
+@dataclass(frozen=True)
+class PostOptions:
+    """Postprocessing, fully resolved: probabilities on the native grid -> a clean mask."""
+
+    threshold: float = 0.5
+    largest: bool = True
+    fill_holes: bool = True
+    remove_small: str = "0vox"
+    dilate: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.dilate, bool) or not isinstance(self.dilate, int) or self.dilate < 0:
+            raise ValueError(f"dilate must be a whole number of voxels >= 0, not {self.dilate!r}")
+        try:
+            parse_size(self.remove_small)
+        except ValueError as exc:  # the caller names where the value came from
+            raise ValueError(f"remove_small: {exc}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What the user chose; ``None`` means the model manifest's default.
+
+    ``output="probability"`` makes the soft probability map the main output (``-thr 0``,
+    as in SCT, is kept as an alias of it). Bad values raise :class:`OptionError`.
+    """
+
+    output: Output = "mask"
+    threshold: float | None = field(default=None, metadata=_flag(
+        "-thr", "<float>", _threshold, "Binarisation threshold on the ensemble probability (default: the model's)."))
+    largest: bool | None = field(default=None, metadata=_flag(
+        "-largest", "<0|1>", yes_no, "Keep only the largest connected object (default: the model's, 1)."))
+    fill_holes: bool | None = field(default=None, metadata=_flag(
+        "-fill-holes", "<0|1>", yes_no, "Fill holes in each axial slice (default: the model's, 1)."))
+    remove_small: str | None = field(default=None, metadata=_flag(
+        "-remove-small", "<N[vox|mm3]>", _size, "Remove objects smaller than N voxels or mm3 (default: the model's)."))
+    dilate: int | None = field(default=None, metadata=_flag(
+        "-dilate", "<int>", int, "Grow the mask by N voxels in each axial slice, e.g. a margin for motion "
+                                 "correction (default: the model's, 0)."))
+    mode_4d: Mode4D = field(default="mean", metadata=_flag(
+        "-4d", None, None, "4D input: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).",
+        choices=("mean", "each")))
+    tta: bool = field(default=True, metadata=_flag(
+        "-tta", "<0|1>", yes_no, "Flip test-time augmentation (default 1; 0 is faster)."))
+    device: str = field(default="auto", metadata=_flag(
+        "-device", None, None, "Where to run (default: auto; cuda needs onnxruntime-gpu).", choices=DEVICES))
+    localise: bool = field(default=True, metadata=_flag(
+        "-roi", "<0|1>", yes_no, "Find the cord with a quick first pass, then run the ensemble on a region around "
+                                 "it (default 1; 0 runs the ensemble on the whole field, slower)."))
+    threads: int | None = field(default=None, metadata=_flag(
+        "-threads", "<int>", int, "CPU threads for inference (default: all CPUs available to this process)."))
+
+    def __post_init__(self):
+        if self.threshold is not None and float(self.threshold) == 0:  # SCT's spelling of the soft map
+            object.__setattr__(self, "output", "probability")
+            object.__setattr__(self, "threshold", None)
+        if self.output not in ("mask", "probability"):
+            raise OptionError(f"output must be 'mask' or 'probability', not {self.output!r}")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise OptionError(f"threshold {self.threshold} must be in (0, 1) (output='probability' for the soft map)")
+        if self.mode_4d not in ("mean", "each"):
+            raise OptionError(f"-4d must be 'mean' or 'each', not {self.mode_4d!r}")
+        if self.device not in DEVICES:
+            raise OptionError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise OptionError(f"threads must be at least 1, not {self.threads}")
+        try:
+            PostOptions(**{k: v for k, v in self._post_choices().items() if k != "threshold"})
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
+
+    def _post_choices(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(PostOptions) if getattr(self, f.name) is not None}
+
+    def post(self, spec: ModelSpec) -> PostOptions:
+        """The postprocessing to run: these choices over the model's defaults."""
+        return replace(spec.postprocess, **self._post_choices())
+
+    def replace(self, **changes) -> Options:
+        return replace(self, **changes)
+
+    def settings(self) -> dict[str, Any]:
+        """The choices that change a result (not where or how fast it runs): batch's resume key."""
+        d = {"threshold": self.threshold, "mode_4d": self.mode_4d, "tta": self.tta}
+        # later fields only when set, so that earlier resume keys still match
+        d.update({f.name: getattr(self, f.name) for f in fields(PostOptions)
+                  if f.name != "threshold" and getattr(self, f.name) is not None})
+        if not self.localise:
+            d["localise"] = False
+        return d
+
+
+def flag_specs() -> list[tuple[str, dict[str, Any]]]:
+    """(field name, argparse keywords) for every Options field that has a command-line flag."""
+    return [(f.name, dict(f.metadata["flag"])) for f in fields(Options) if "flag" in f.metadata]
