@@ -103,7 +103,7 @@ def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: Post
     """One 3D RAS array -> (its mask on the RAS grid, its Frame on the input's own axes)."""
     probs = backend.predict(data_ras, vol, region=region, localise=localise, timings=timings)
     t0 = time.perf_counter()
-    mask = finish(probs, post, float(np.prod(vol.zooms)), backend.spec.threshold)
+    mask = finish(probs, post, vol.zooms, backend.spec.threshold)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
     return mask, Frame(vol.to_native(mask), vol.to_native(probs.probability).astype(np.float32),
                        vol.to_native(probs.disagreement).astype(np.float32))

@@ -73,6 +73,13 @@ class ZFollowOptions:
                              f"not {self.floor}, {self.low}, {self.threshold}")
 
 
+def zfollow_options(threshold: float, fill_holes: bool = True) -> ZFollowOptions:
+    """The defaults at another confident threshold: the lower thresholds never exceed it."""
+    d = ZFollowOptions()
+    low = min(d.low, threshold)
+    return ZFollowOptions(threshold=threshold, low=low, floor=min(d.floor, low), fill_holes=fill_holes)
+
+
 @dataclass
 class ZFollowResult:
     """The mask plus what each slice was kept for: 'chain', 'hysteresis', 'bridge' or '' (empty)."""

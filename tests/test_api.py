@@ -100,7 +100,8 @@ def test_options_resolve_over_the_manifest_and_reach_the_sidecar(tiny_model, blo
     post = opts.post(api.load_model("tiny"))
     assert (post.threshold, post.largest, post.fill_holes, post.remove_small) == (0.5, False, True, "3mm3")
     side = api.run(path, tmp_path / "o_seg.nii.gz", model="tiny", options=opts).provenance
-    assert side["postprocess"] == {"largest": False, "fill_holes": True, "remove_small": "3mm3", "dilate": 0}
+    assert side["postprocess"] == {"method": "z", "largest": False, "fill_holes": True, "remove_small": "3mm3",
+                                   "dilate": 0}
     assert side["model"]["backend"] == "slices"
 
 

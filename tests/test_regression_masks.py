@@ -95,7 +95,7 @@ def segment_case(name: str, tmp: Path) -> dict[str, str]:
 
     src, opts, model = CASES[name](tmp)
     res = api.run(src, tmp / "out_seg.nii.gz", model=model, soft=True, disagreement=True,
-                  options=api.Options(threads=1, **opts))
+                  options=api.Options(threads=1, **{"method": "3d", **opts}))  # the postprocessing of then
     return {"mask": digest(res.mask), "disagreement": digest(res.extra["disagreement"]),
             **({"soft": digest(res.extra["soft"])} if "soft" in res.extra else {})}
 
