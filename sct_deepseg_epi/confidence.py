@@ -15,8 +15,15 @@ members) inside the mask, and a flag with its reasons. The rules (version
     the area differs from the median of the nearest non-empty slices (up to two each side)
     by more than ``max_area_change`` (40 %) of that median;
 ``weak_evidence``
-    the slice was kept only by the z-following postprocessing's lower threshold
-    (``hysteresis`` or ``bridge``, see :mod:`sct_deepseg_epi.zfollow`).
+    no voxel of the slice's mask reaches the binarisation threshold: the slice was kept by
+    the z-following postprocessing's lower thresholds (:mod:`sct_deepseg_epi.zfollow`).
+
+Slices are counted along the input file's own slice axis (the voxel axis closest to
+inferior-superior; ``slice_flags.axis`` in the sidecar), from 0. For a series segmented
+volume by volume (``-4d each``), each volume gets its report and the sidecar summarises
+them per slice: the median area, the mean of the means, ``frames_flagged`` (in how many
+volumes the slice was flagged) and the reasons found in at least a tenth of the volumes
+(at least one); the slice is flagged when any such reason is left.
 
 The thresholds were set on the real EPI series and simulated stacks (docs/postprocessing.md):
 there, the flagged sixth of the slices has a mean per-slice Dice of 0.66 against 0.84 for
@@ -50,10 +57,10 @@ def _neighbour_median(areas: np.ndarray, k: int) -> float:
 
 
 def slice_report(mask: np.ndarray, probability: np.ndarray, disagreement: np.ndarray | None, zooms,
-                 kind: Sequence[str] | None = None, rules: ConfidenceRules = ConfidenceRules()) -> list[dict]:
-    """One dict per slice: ``slice``, ``area_mm2``, ``mean_probability``, ``mean_disagreement``,
-    ``flag`` and ``reasons`` (module doc). Means are None on empty slices; ``kind`` is what the
-    z-following postprocessing kept each slice for, when it ran.
+                 threshold: float = 0.5, rules: ConfidenceRules = ConfidenceRules()) -> list[dict]:
+    """One dict per slice of a RAS volume (last axis): ``slice``, ``area_mm2``, ``mean_probability``,
+    ``mean_disagreement``, ``flag`` and ``reasons`` (module doc). Means are None on empty slices;
+    ``threshold`` is the binarisation threshold the mask was made with.
     """
     m = np.asarray(mask) > 0
     p = np.asarray(probability, dtype=np.float32)
@@ -67,9 +74,9 @@ def slice_report(mask: np.ndarray, probability: np.ndarray, disagreement: np.nda
         reasons = []
         mp = md = None
         if counts[k]:
-            sel = m[:, :, k]
-            mp = float(p[:, :, k][sel].mean())
-            md = None if d is None else float(d[:, :, k][sel].mean())
+            inside = p[:, :, k][m[:, :, k]]
+            mp = float(inside.mean())
+            md = None if d is None else float(d[:, :, k][m[:, :, k]].mean())
             if mp < rules.min_mean_probability:
                 reasons.append("low_probability")
             if md is not None and md > rules.max_mean_disagreement:
@@ -77,7 +84,7 @@ def slice_report(mask: np.ndarray, probability: np.ndarray, disagreement: np.nda
             ref = _neighbour_median(areas, k)
             if not np.isnan(ref) and abs(areas[k] - ref) > rules.max_area_change * ref:
                 reasons.append("area_jump")
-            if kind is not None and kind[k] in ("hysteresis", "bridge"):
+            if float(inside.max()) < threshold:
                 reasons.append("weak_evidence")
         elif has.size and has[0] < k < has[-1]:
             reasons.append("gap")
@@ -91,3 +98,46 @@ def slice_report(mask: np.ndarray, probability: np.ndarray, disagreement: np.nda
 def flagged(report: list[dict]) -> list[int]:
     """The slice indices a user should check first."""
     return [r["slice"] for r in report if r["flag"]]
+
+
+def slice_axis(to_ras: np.ndarray) -> tuple[int, bool]:
+    """(the input's voxel axis that becomes RAS z, whether its order is reversed), from an orientation."""
+    axis = int(np.flatnonzero(np.asarray(to_ras)[:, 0] == 2)[0])
+    return axis, bool(to_ras[axis][1] < 0)
+
+
+def to_native(report: list[dict], to_ras: np.ndarray) -> list[dict]:
+    """A report on RAS slices, renumbered along the input's own slice axis."""
+    _, reverse = slice_axis(to_ras)
+    if not reverse:
+        return report
+    n = len(report)
+    return [{**r, "slice": n - 1 - r["slice"]} for r in report[::-1]]
+
+
+def summarise(reports: list[list[dict]], min_fraction: float = 0.1) -> list[dict]:
+    """One report per slice from the reports of the volumes of a series (module doc)."""
+    if len(reports) == 1:
+        return reports[0]
+    need = max(1, int(np.ceil(min_fraction * len(reports))))
+    out = []
+    for rows in zip(*reports):
+        probs = [r["mean_probability"] for r in rows if r["mean_probability"] is not None]
+        dis = [r["mean_disagreement"] for r in rows if r["mean_disagreement"] is not None]
+        seen: dict[str, int] = {}
+        for r in rows:
+            for why in r["reasons"]:
+                seen[why] = seen.get(why, 0) + 1
+        reasons = [w for w, n in seen.items() if n >= need]
+        out.append({"slice": rows[0]["slice"], "area_mm2": round(float(np.median([r["area_mm2"] for r in rows])), 2),
+                    "mean_probability": round(float(np.mean(probs)), 4) if probs else None,
+                    "mean_disagreement": round(float(np.mean(dis)), 4) if dis else None,
+                    "frames_flagged": sum(r["flag"] for r in rows), "flag": bool(reasons), "reasons": reasons})
+    return out
+
+
+def sidecar_block(reports: list[list[dict]], to_ras: np.ndarray) -> dict:
+    """The sidecar's ``slices`` (one entry per slice, summarised over volumes) and ``slice_flags``."""
+    rows = summarise(reports)
+    return {"slices": rows, "slice_flags": {**ConfidenceRules().as_dict(), "axis": slice_axis(to_ras)[0],
+                                            "volumes": len(reports), "flagged": flagged(rows)}}
