@@ -99,7 +99,7 @@ class Options:
     method: str | None = field(default=None, metadata=_flag(
         "-postprocess", None, None, "z: follow the cord along z slice by slice (a centreline through the confident "
         "slices; weaker slices next to them kept with lower thresholds; off-path objects removed); 3d: threshold "
-        "and keep the largest 3D connected object, the behaviour before 0.2 (default: the model's, z).",
+        "and keep the largest 3D connected object, as earlier versions did (default: the model's, z).",
         choices=METHODS))
     largest: bool | None = field(default=None, metadata=_flag(
         "-largest", "<0|1>", yes_no, "With -postprocess 3d: keep only the largest connected object "

@@ -154,3 +154,32 @@ def test_threshold_option_is_the_confident_threshold():
     assert slices_with_mask(zfollow(prob, ZOOMS).mask) == list(range(20))
     assert all(k == "chain" for k in zfollow(prob, ZOOMS).kind)
     assert all(k != "chain" for k in zfollow(prob, ZOOMS, ZFollowOptions(threshold=0.8)).kind)
+
+
+def test_options_at_a_low_threshold_keep_their_order_and_bad_orders_are_refused():
+    from sct_deepseg_epi.zfollow import zfollow_options
+
+    o = zfollow_options(0.1)
+    assert (o.threshold, o.low, o.floor) == (0.1, 0.1, 0.05)
+    assert zfollow_options(0.03).floor == 0.03
+    with pytest.raises(ValueError, match="floor <= low <= threshold"):
+        ZFollowOptions(threshold=0.5, low=0.6)
+
+
+def test_finish_follows_z_by_default_keeps_labels_and_3d_is_the_old_path():
+    from sct_deepseg_epi.backend import Probabilities
+    from sct_deepseg_epi.postprocess import finish
+
+    peaks = [1.0] * 20
+    peaks[9] = 0.45
+    prob = cord(peaks=peaks)
+    prob[5:8, 5:8, 3] = 0.9                          # a speck off the cord
+    labels = (prob >= 0.5).astype(np.uint8) * 2      # a model's own label value
+    probs = Probabilities(prob, np.zeros_like(prob), labels)
+    z = finish(probs, PostOptions(), ZOOMS, labels_at=0.5)
+    assert set(np.unique(z)) == {0, 1, 2} and (z[:, :, 9] == 1).any()   # the weak slice: added voxels take 1
+    assert not z[5:8, 5:8, 3].any()
+    old = finish(probs, PostOptions(method="3d"), ZOOMS, labels_at=0.5)
+    np.testing.assert_array_equal(old > 0, postprocess(prob, PostOptions(method="3d"), float(np.prod(ZOOMS))))
+    with pytest.raises(ValueError, match="method"):
+        PostOptions(method="2d")
