@@ -17,7 +17,6 @@ and MSD their mean (the "average symmetric surface distance").
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -134,7 +133,3 @@ def slice_metrics(pred, ref, zooms) -> list[dict]:
                      "area_ref_mm2": float(r.sum()) * zooms[0] * zooms[1],
                      "detected": bool(p.any()) if r.any() else (not p.any())})
     return rows
-
-
-def fmt(x: float) -> str:
-    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.4g}"

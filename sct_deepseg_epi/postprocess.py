@@ -3,91 +3,22 @@
 The same for every backend (:func:`finish`): threshold (or the model's own labels at its
 threshold), then the cleaning steps that :class:`~sct_deepseg_epi.options.PostOptions` turns on.
 
-Connected components are computed with numpy alone (a vectorised union-find over the
-mask's bounding box), which keeps scipy out of the inference dependencies; cord masks are
-small, so this costs milliseconds.
+Connected components and hole filling come from :mod:`sct_deepseg_epi.ndimage` (numpy
+only, held to scipy.ndimage by the tests); cord masks are small, so this costs milliseconds.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import ndimage
+from .ndimage import label
 from .options import PostOptions, parse_size
 
 if TYPE_CHECKING:
     from .backend import Probabilities
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    idx = [np.flatnonzero(mask.any(axis=tuple(j for j in range(mask.ndim) if j != i))) for i in range(mask.ndim)]
-    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
-
-
-def _neighbour_offsets(ndim: int, full: bool, axes: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Half of the neighbourhood (each pair of neighbours once), restricted to ``axes``."""
-    out = []
-    for o in itertools.product((-1, 0, 1), repeat=ndim):
-        if not any(o) or any(o[i] for i in range(ndim) if i not in axes):
-            continue
-        if not full and sum(map(abs, o)) != 1:
-            continue
-        if o > tuple(-x for x in o):  # keep one of o and -o
-            out.append(o)
-    return out
-
-
-def label(mask: np.ndarray, full: bool = True, axes: tuple[int, ...] | None = None) -> tuple[np.ndarray, int]:
-    """Connected components of a boolean array.
-
-    ``full``: 26/8-connectivity, else faces only; ``axes``: connect along these axes only
-    (``(0, 1)`` labels each axial slice of a volume on its own). Returns (labels, n) with
-    labels 1..n numbered in raster order of each component's first voxel, 0 for background.
-
-    Union-find on the graph of neighbouring foreground voxels, vectorised: every edge
-    hooks the larger root onto the smaller, then paths are compressed, until each edge
-    joins two voxels of the same root. The root of a component is its first voxel.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    labels = np.zeros(mask.shape, np.int32)
-    if not mask.any():
-        return labels, 0
-    axes = tuple(range(mask.ndim)) if axes is None else tuple(axes)
-    box = _bbox(mask)
-    m = mask[box]
-    fg = np.flatnonzero(m)
-    index = np.full(m.shape, -1, np.int64)
-    index.ravel()[fg] = np.arange(fg.size)
-    a_parts, b_parts = [], []
-    for o in _neighbour_offsets(m.ndim, full, axes):
-        src = tuple(slice(max(0, -d), m.shape[i] - max(0, d)) for i, d in enumerate(o))
-        dst = tuple(slice(max(0, d), m.shape[i] - max(0, -d)) for i, d in enumerate(o))
-        ia, ib = index[src], index[dst]
-        both = (ia >= 0) & (ib >= 0)
-        a_parts.append(ia[both])
-        b_parts.append(ib[both])
-    a = np.concatenate(a_parts) if a_parts else np.zeros(0, np.int64)
-    b = np.concatenate(b_parts) if b_parts else np.zeros(0, np.int64)
-    parent = np.arange(fg.size)
-    while a.size:
-        pa, pb = parent[a], parent[b]
-        differ = pa != pb
-        if not differ.any():
-            break
-        lo, hi = np.minimum(pa[differ], pb[differ]), np.maximum(pa[differ], pb[differ])
-        np.minimum.at(parent, hi, lo)
-        while True:  # path compression until every voxel points at its root
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
-    roots, inv = np.unique(parent, return_inverse=True)
-    out = np.zeros(m.shape, np.int32)
-    out.ravel()[fg] = inv.ravel() + 1
-    labels[box] = out
-    return labels, int(roots.size)
 
 
 def keep_largest(mask: np.ndarray) -> np.ndarray:
@@ -114,18 +45,7 @@ def remove_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill holes slice by slice in the axial plane (axes 0, 1 of a RAS volume)."""
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return mask.copy()
-    box = _bbox(mask)
-    # one voxel of background around each slice's box, so the outside is one component
-    bg = ~np.pad(mask[box], ((1, 1), (1, 1), (0, 0)))
-    lab, _ = label(bg, full=False, axes=(0, 1))
-    outside = np.unique(np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel()]))
-    holes = bg & ~np.isin(lab, outside)
-    out = mask.copy()
-    out[box] |= holes[1:-1, 1:-1]
-    return out
+    return ndimage.fill_holes(mask, axes=(0, 1))
 
 
 def dilate(mask: np.ndarray, voxels: int) -> np.ndarray:

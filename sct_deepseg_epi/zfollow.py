@@ -45,7 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .postprocess import fill_holes, label
+from .ndimage import label
+from .postprocess import fill_holes
 
 RULES_VERSION = "zfollow-1"
 

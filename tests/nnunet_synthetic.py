@@ -203,11 +203,6 @@ def write_trained(out_root: Path, plans: dict, dataset_json: dict, *, configurat
     return out
 
 
-def normalisation_channel_name(scheme: str | None) -> str:
-    return {"CTNormalization": "CT", "NoNormalization": "noNorm",
-            "RescaleTo01Normalization": "rescale_to_0_1"}.get(scheme or "", "EPI")
-
-
 def _shrink(cfg: dict, features: Sequence[int] | None, patch_size: Sequence[int] | None) -> None:
     """Make the planned U-Net tiny: ``len(features)`` stages of those widths, and the patch."""
     kw = cfg["architecture"]["arch_kwargs"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -184,14 +185,14 @@ def test_derivatives_folder_that_cannot_be_written(tiny_model, tmp_path, monkeyp
     with pytest.raises(InputError, match="cannot create the derivatives folder.*pass -o"):
         batch.run_batch(ds, a_file / "deriv", model="tiny")
     # a read-only mount refuses the probe file even to root; simulate the refusal
-    real = batch.tempfile.mkstemp
+    real = tempfile.mkstemp
 
     def refuse(*a, dir=None, **kw):
         if str(dir).startswith(str(tmp_path / "ro")):
             raise PermissionError(30, "Read-only file system")
         return real(*a, dir=dir, **kw)
 
-    monkeypatch.setattr(batch.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(InputError, match="ro: the derivatives folder is not writable \\(Read-only file system\\)"):
         batch.run_batch(ds, tmp_path / "ro", model="tiny")
     assert not (tmp_path / "ro" / "summary.tsv").exists()

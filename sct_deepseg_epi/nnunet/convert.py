@@ -356,9 +356,6 @@ def _manifest(plans: dict, dataset: dict, recipe: dict, configuration: str, trai
         nnunet_version = pkg_version("nnunetv2")
     except PackageNotFoundError:  # a copy without its dist-info (some environments vendor it)
         nnunet_version = getattr(nnunetv2, "__version__", "unknown")
-    spacing = recipe["spacing"]
-    inplane = [float(spacing[-1]), float(spacing[-2])] if len(spacing) >= 2 else [1.0, 1.0]
-    regions = recipe["regions_class_order"] is not None
     labels = ", ".join(f"{k}={v}" for k, v in dataset.get("labels", {}).items())
     return {
         "schema_version": 2, "name": name, "version": version,

@@ -24,10 +24,10 @@ from nibabel.orientations import apply_orientation
 from ..backend import Probabilities
 from ..errors import ModelError
 from ..infer import default_threads, get_session, new_session, providers_for
-from ..postprocess import label
+from ..ndimage import fill_holes
 from ..registry.manifest import ModelSpec
-from .recipe import ChannelNorm, NnunetRecipe, Resampling
-from .resampling import resize, resize_separate_z
+from .recipe import ChannelNorm, NnunetRecipe
+from .resampling import new_shape_for, resample
 from .tiling import gaussian_weights, pad_amounts, tile_starts
 
 # voxels of network input per ONNX call: small tiles are batched (4 x 128^2), large 3D tiles run one by one;
@@ -55,49 +55,6 @@ def reader_view(data_ras: np.ndarray, zooms_ras: Sequence[float], to_ras: np.nda
     raise ModelError(f"image reader {reader!r} is not supported")
 
 
-def new_shape_for(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
-    """Shape after resampling, rounded as nnU-Net rounds it (Python's round)."""
-    return tuple(int(round(s / t * n)) for s, t, n in zip(spacing, target, shape))
-
-
-def separate_z(force: bool | None, current: Sequence[float], new: Sequence[float],
-               threshold: float) -> int | None:
-    """The thick-slice axis to resample on its own, or None (nnU-Net's rule)."""
-    def lowres(sp):
-        sp = np.asarray(sp, float)
-        return list(np.where(sp.max() / sp == 1)[0])
-
-    def aniso(sp):
-        return float(np.max(sp) / np.min(sp)) > threshold
-
-    if force is not None:
-        axes = lowres(current) if force else None
-    elif aniso(current):
-        axes = lowres(current)
-    elif aniso(new):
-        axes = lowres(new)
-    else:
-        axes = None
-    if axes is None or len(axes) != 1:
-        return None
-    return int(axes[0])
-
-
-def resample(arr: np.ndarray, shape: Sequence[int], current: Sequence[float], new: Sequence[float],
-             rule: Resampling, threshold: float) -> np.ndarray:
-    """Resample a (C, Z, Y, X) array to ``shape`` following one of the plan's resampling rules."""
-    if tuple(arr.shape[1:]) == tuple(shape):
-        return arr
-    axis = separate_z(rule.force_separate_z, current, new, threshold)
-    out = np.empty((arr.shape[0], *shape), np.float32)
-    for c in range(arr.shape[0]):
-        if axis is not None:
-            out[c] = resize_separate_z(arr[c], shape, axis, rule.order, rule.order_z)
-        else:
-            out[c] = resize(arr[c], shape, rule.order)
-    return out
-
-
 # ---------------------------------------------------------------------------- crop and normalise
 
 def nonzero_box(arr: np.ndarray) -> tuple[slice, ...]:
@@ -112,13 +69,7 @@ def nonzero_box(arr: np.ndarray) -> tuple[slice, ...]:
 
 def filled_nonzero(arr: np.ndarray) -> np.ndarray:
     """Non-zero voxels with enclosed zero regions filled (face connectivity), as nnU-Net's mask."""
-    m = arr != 0
-    if m.all() or not m.any():
-        return m
-    bg = ~np.pad(m, 1)
-    lab, _ = label(bg, full=False)
-    outside = lab == lab[(0,) * arr.ndim]
-    return ~outside[tuple(slice(1, -1) for _ in range(arr.ndim))]
+    return fill_holes(arr != 0)
 
 
 def normalise(img: np.ndarray, norm: ChannelNorm, mask: np.ndarray | None) -> np.ndarray:

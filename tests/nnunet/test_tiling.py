@@ -1,11 +1,11 @@
-"""Sliding-window and resampling maths (numpy only), checked against hand values and, when
-installed, against nnunetv2 / scikit-image / scipy themselves."""
+"""nnU-Net's sliding-window and resampling rules (numpy only), checked against hand values and,
+when installed, against nnunetv2 itself (the spline resizes: tests/test_ndimage.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sct_deepseg_epi.nnunet.resampling import nearest_index, resize, resize_matrix, resize_separate_z
+from sct_deepseg_epi.nnunet.resampling import resize_separate_z
 from sct_deepseg_epi.nnunet.tiling import gaussian_weights, pad_amounts, tile_starts
 
 
@@ -42,42 +42,7 @@ def test_gaussian_weights_shape_peak_and_no_zeros():
     assert h.dtype == np.float16 and (h > 0).all() and h.min() == h[0, 0, 0]
 
 
-def test_nearest_index_rounds_half_up():
-    # 24 -> 12: source coordinates 0.5, 2.5, ... go up, as scipy's order-0 map_coordinates does
-    assert nearest_index(24, 12).tolist() == list(range(1, 24, 2))
-    assert nearest_index(5, 15).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
-
-
-def test_resize_matrices_preserve_constants():
-    for order in (0, 1, 3):
-        m = resize_matrix(17, 31, order)
-        assert np.allclose(m.sum(axis=1), 1, atol=1e-5)
-
-
-def test_resize_is_identity_at_the_same_shape():
-    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    assert np.array_equal(resize(a, a.shape, 3), a)
-
-
 # ---------------------------------------------------------------- against the libraries themselves
-
-@pytest.mark.parametrize("shape,new", [((20, 17, 9), (31, 12, 9)), ((7, 40, 33), (7, 23, 50)), ((5, 6, 7), (10, 3, 7))])
-@pytest.mark.parametrize("order", [1, 3])
-def test_resize_matches_skimage(shape, new, order):
-    skt = pytest.importorskip("skimage.transform")
-    a = np.random.default_rng(0).normal(size=shape)
-    ref = skt.resize(a, new, order, mode="edge", anti_aliasing=False)
-    assert np.abs(resize(a, new, order) - ref).max() < 1e-5
-
-
-def test_nearest_index_matches_scipy_everywhere():
-    ndi = pytest.importorskip("scipy.ndimage")
-    for n_in in range(1, 40):
-        for n_out in range(1, 40):
-            x = (np.arange(n_out) + 0.5) * (float(n_in) / n_out) - 0.5
-            ref = ndi.map_coordinates(np.arange(n_in, dtype=float), [x], order=0, mode="nearest")
-            assert np.array_equal(ref, nearest_index(n_in, n_out)), (n_in, n_out)
-
 
 @pytest.mark.parametrize("order,order_z", [(3, 0), (1, 0)])
 def test_separate_z_matches_nnunet(order, order_z):
