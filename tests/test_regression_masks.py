@@ -112,6 +112,19 @@ def test_outputs_are_byte_identical_to_before_the_refactor(name, tmp_path):
         assert got == want, f"{name}: a probability or disagreement map changed"
 
 
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.data] if n.startswith(("sct", "bright")) else [])
+                                  for n in ("demo_phantom", "demo_options", "sct_example_mean", "sct_example_each",
+                                            "brightlab_mean")])
+def test_following_the_cord_along_z_keeps_these_masks(name, tmp_path):
+    """A clear cord on every slice: the z-following default changes nothing there."""
+    from sct_deepseg_epi import api
+
+    src, opts, model = CASES[name](tmp_path)
+    res = api.run(src, tmp_path / "z_seg.nii.gz", model=model, options=api.Options(threads=1, **opts))
+    assert res.provenance["postprocess"]["method"] == "z"
+    assert digest(res.mask) == EXPECTED[name]["mask"], f"{name}: z-following changed the mask"
+
+
 if __name__ == "__main__":
     import tempfile
 
