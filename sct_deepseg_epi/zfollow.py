@@ -54,7 +54,7 @@ RULES_VERSION = "zfollow-1"
 @dataclass(frozen=True)
 class ZFollowOptions:
     threshold: float = 0.5       # confident voxels (the model's threshold)
-    low: float = 0.15            # the evidence a slice next to confident ones needs near the centreline
+    low: float = 0.10            # the evidence a slice next to confident ones needs near the centreline
     relative: float = 0.5        # weak slices: voxels >= relative * the slice's maximum near the centreline
     floor: float = 0.05          # never threshold a weak slice below this
     ladder: int = 2              # weak slices try relative**1 .. relative**ladder times their maximum
