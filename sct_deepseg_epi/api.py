@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__
 from .backend import Backend, backend_for
+from .confidence import sidecar_block, slice_report, to_native
 from .errors import IntegrityError, ModelError
 from .options import Options
 from .outputs import OutputSet, check_output
@@ -96,6 +97,7 @@ class Frame:
     mask: np.ndarray          # uint8
     probability: np.ndarray   # float32, ensemble mean
     disagreement: np.ndarray  # float32, std across members
+    slices: list[dict] = field(default_factory=list)  # per-slice confidence (confidence.py), input's order
 
 
 @dataclass
@@ -111,10 +113,11 @@ class Segmentation:
     source: str
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    confidence: dict[str, Any] = field(default_factory=dict)  # the sidecar's slices and slice_flags
 
     def provenance(self) -> dict[str, Any]:
         return provenance(self.model, self.options, self.provider, self.source, self.timings, self.warnings,
-                          int(np.count_nonzero(np.asarray(self.mask.dataobj))))
+                          int(np.count_nonzero(np.asarray(self.mask.dataobj))), confidence=self.confidence)
 
 
 def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: PostOptions,
@@ -122,10 +125,11 @@ def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: Post
     """One 3D RAS array -> (its mask on the RAS grid, its Frame on the input's own axes)."""
     probs = backend.predict(data_ras, vol, region=region, localise=localise, timings=timings)
     t0 = time.perf_counter()
-    mask = finish(probs, post, float(np.prod(vol.zooms)), backend.spec.threshold)
+    mask = finish(probs, post, vol.zooms, backend.spec.threshold)
+    report = slice_report(mask, probs.probability, probs.disagreement, vol.zooms, post.threshold)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
     return mask, Frame(vol.to_native(mask), vol.to_native(probs.probability).astype(np.float32),
-                       vol.to_native(probs.disagreement).astype(np.float32))
+                       vol.to_native(probs.disagreement).astype(np.float32), to_native(report, vol.to_ras))
 
 
 def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[str, float] | None = None) -> Iterator[Frame]:
@@ -190,7 +194,8 @@ def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpe
     else:
         arrays = tuple(np.stack([getattr(f, k) for f in frames], axis=-1) for k in ("mask", "probability", "disagreement"))
     seg = Segmentation(like(arrays[0], ref), like(arrays[1], ref), like(arrays[2], ref), spec,
-                       backend_for(spec, options).provider, options, vol.source, timings, list(vol.warnings))
+                       backend_for(spec, options).provider, options, vol.source, timings, list(vol.warnings),
+                       sidecar_block([f.slices for f in frames], vol.to_ras))
     _warn_if_empty(seg.warnings, vol.source, int(np.count_nonzero(arrays[0])))
     return seg
 
@@ -204,7 +209,7 @@ def _warn_if_empty(warnings: list[str], source: str, cord_voxels: int) -> None:
 
 def provenance(spec: ModelSpec, options: Options, provider: str, source: str, timings: dict[str, float],
                warnings: list[str], cord_voxels: int, input_sha256: str | None = None,
-               outputs: dict[str, str] | None = None) -> dict[str, Any]:
+               outputs: dict[str, str] | None = None, confidence: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took."""
     post = asdict(options.post(spec))
     d: dict[str, Any] = {
@@ -226,6 +231,7 @@ def provenance(spec: ModelSpec, options: Options, provider: str, source: str, ti
     }
     if outputs is not None:
         d["outputs"] = outputs
+    d.update(confidence or {})
     return d
 
 
@@ -285,12 +291,14 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         maps = dict(_MAPS, mask=_MAPS["soft"]) if options.output == "probability" else _MAPS
         frames = iter_frames(vol, spec, options, timings)
         n_cord = 0
+        reports = []
         with ExitStack() as stack:
             if each:
                 writers = {k: stack.enter_context(FrameWriter(targets[k], vol.image, shape, maps[k][1],
                                                               tmp=outputs.temp(k))) for k in maps_to_write}
                 for frame in frames:
                     n_cord += int(np.count_nonzero(frame.mask))
+                    reports.append(frame.slices)
                     for k, w in writers.items():
                         w.write(getattr(frame, maps[k][0]))
                 t1 = time.perf_counter()
@@ -299,6 +307,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
             else:
                 frame = next(frames)
                 n_cord = int(np.count_nonzero(frame.mask))
+                reports.append(frame.slices)
                 t1 = time.perf_counter()
                 for k in maps_to_write:
                     save_nifti(like(getattr(frame, maps[k][0]).astype(maps[k][1]), vol.image), targets[k],
@@ -309,7 +318,8 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         timings["total"] = time.perf_counter() - t0
         prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
                           n_cord, input_sha256=store.sha256_file(input_path),
-                          outputs={k: Path(targets[k]).name for k in maps_to_write})
+                          outputs={k: Path(targets[k]).name for k in maps_to_write},
+                          confidence=sidecar_block(reports, vol.to_ras))
         save_json(prov, targets["sidecar"], tmp=outputs.temp("sidecar"))
     outputs.commit()
     result = RunResult(out, targets["sidecar"], {k: targets[k] for k in maps_to_write if k != "mask"}, prov)

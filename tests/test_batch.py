@@ -81,6 +81,7 @@ def test_batch_writes_bids_derivatives(tiny_model, tmp_path):
     row = rows["sub-01/func/sub-01_task-rest_bold.nii.gz"]
     assert (row["status"], float(row["cord_volume_mm3"]), row["slices_with_cord"], row["n_slices"]) == (
         "done", DISC_MM3, "6", "6")
+    assert row["flagged_slices"] == "0" and side["Batch"]["flagged_slices"] == 0
     assert rows["sub-03/func/sub-03_task-rest_bold.nii.gz"]["status"] == "failed"
     assert rows["sub-03/func/sub-03_task-rest_bold.nii.gz"]["cord_volume_mm3"] == "n/a"
 
@@ -357,3 +358,18 @@ def test_importing_the_batch_module_stays_light():
             "print(sorted(m for m in ('numpy', 'onnxruntime', 'nibabel', 'distributed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_summary_counts_flagged_slices_and_keeps_them_when_resuming(tiny_model, tmp_path):
+    ds = make_dataset(tmp_path / "ds", runs=("sub-01/func/sub-01_task-rest_bold.nii.gz",), n_volumes=None)
+    p = ds / "sub-01/func/sub-01_task-rest_bold.nii.gz"
+    img = nib.load(str(p))
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, 3] = 100.0                            # no cord visible on one slice between others
+    nib.save(nib.Nifti1Image(data, img.affine), str(p))
+    deriv = tmp_path / "out"
+    first = batch.run_batch(ds, deriv, model="tiny")
+    assert first.records[0].flagged_slices == 1
+    assert summary_rows(deriv)["sub-01/func/sub-01_task-rest_bold.nii.gz"]["flagged_slices"] == "1"
+    again = batch.run_batch(ds, deriv, model="tiny")
+    assert again.records[0].status == "skipped" and again.records[0].flagged_slices == 1

@@ -95,7 +95,7 @@ def segment_case(name: str, tmp: Path) -> dict[str, str]:
 
     src, opts, model = CASES[name](tmp)
     res = api.run(src, tmp / "out_seg.nii.gz", model=model, soft=True, disagreement=True,
-                  options=api.Options(threads=1, **opts))
+                  options=api.Options(threads=1, **{"method": "3d", **opts}))  # the postprocessing of then
     main = "soft_main" if res.provenance["output"] == "probability" else "mask"  # a float map, then
     return {main: digest(res.mask), "disagreement": digest(res.extra["disagreement"]),
             **({"soft": digest(res.extra["soft"])} if "soft" in res.extra else {})}
@@ -113,6 +113,19 @@ def test_outputs_are_byte_identical_to_before_the_refactor(name, tmp_path):
         assert got["mask"] == want["mask"], f"{name}: the mask changed"
     if onnxruntime.__version__ == RECORDED_ORT:
         assert got == want, f"{name}: a probability or disagreement map changed"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.data] if n.startswith(("sct", "bright")) else [])
+                                  for n in ("demo_phantom", "demo_options", "sct_example_mean", "sct_example_each",
+                                            "brightlab_mean")])
+def test_following_the_cord_along_z_keeps_these_masks(name, tmp_path):
+    """A clear cord on every slice: the z-following default changes nothing there."""
+    from sct_deepseg_epi import api
+
+    src, opts, model = CASES[name](tmp_path)
+    res = api.run(src, tmp_path / "z_seg.nii.gz", model=model, options=api.Options(threads=1, **opts))
+    assert res.provenance["postprocess"]["method"] == "z"
+    assert digest(res.mask) == EXPECTED[name]["mask"], f"{name}: z-following changed the mask"
 
 
 if __name__ == "__main__":

@@ -226,11 +226,12 @@ def test_batch_takes_every_postprocessing_flag_and_keys_resume_on_it(tiny_model,
     side = deriv / "sub-01/func/sub-01_task-rest_desc-spinalcord_mask.json"
     assert main(["batch", str(ds), "-model", "tiny", "-threads", "1"]) == 0
     plain = json.loads(side.read_text())
-    argv = ["batch", str(ds), "-model", "tiny", "-threads", "1", "-largest", "0", "-remove-small", "4mm3",
-            "-dilate", "1", "-roi", "0"]
+    argv = ["batch", str(ds), "-model", "tiny", "-threads", "1", "-postprocess", "3d", "-largest", "0",
+            "-remove-small", "4mm3", "-dilate", "1", "-roi", "0"]
     assert main(argv) == 0
     grown = json.loads(side.read_text())
-    assert grown["postprocess"] == {"largest": False, "fill_holes": True, "remove_small": "4mm3", "dilate": 1}
+    assert grown["postprocess"] == {"method": "3d", "largest": False, "fill_holes": True, "remove_small": "4mm3",
+                                    "dilate": 1}
     assert grown["localise"] is False and grown["Batch"]["cord_volume_mm3"] > plain["Batch"]["cord_volume_mm3"]
     capsys.readouterr()
     assert main(argv) == 0 and "skipped" in capsys.readouterr().err  # same settings: up to date
