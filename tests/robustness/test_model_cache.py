@@ -132,7 +132,7 @@ def test_custom_url_cannot_reuse_a_packaged_name_and_version(model_root, tmp_pat
 def test_existing_impostor_in_cache_is_ignored(model_root, tmp_path, caplog):
     """A cache entry written before this check existed does not replace the packaged model."""
     shutil.copytree(_impostor(tmp_path), model_root / "seg_sc_epi" / "0.1.0")
-    spec = store.resolve("seg_sc_epi")
+    spec = store.resolve("seg_sc_epi@0.1.0")
     assert spec.directory == store.packaged_root() / "seg_sc_epi" / "0.1.0"
     assert "reuses the packaged model's name and version" in caplog.text
 
