@@ -183,6 +183,7 @@ def _process(job: Job, rec: Record) -> None:
 
 def _segment_locked(job: Job, rec: Record) -> None:
     from .. import api
+    from ..read import check_regular_file
     from ..registry.store import sha256_file as file_sha256
     from ..write import save_json, sidecar_path
 
@@ -194,6 +195,7 @@ def _segment_locked(job: Job, rec: Record) -> None:
         raise InputError(f"{job.run.path}: a broken symbolic link (a DataLad/git-annex file whose content "
                          "is not fetched? run: datalad get)")
     extras = list(out.extras(job.soft, job.disagreement))
+    check_regular_file(job.run.path)  # before hashing: reading a FIFO would wait forever
     if not job.overwrite and out.sidecar.is_file():  # hash the input only when there is a result to compare
         try:
             input_sha = file_sha256(job.run.path)
