@@ -56,10 +56,11 @@ _CACHE: dict[tuple, Backend] = {}
 def backend_for(spec: ModelSpec, options: Options) -> Backend:
     """The backend of ``spec`` set up for ``options`` (one per model and settings, kept for the process)."""
     post = options.post(spec)
-    key = (spec.ref, str(spec.directory), options.device, options.threads, options.tta, post.threshold)
+    tta = options.tta_for(spec)
+    key = (spec.ref, str(spec.directory), options.device, options.threads, tta, post.threshold)
     if key not in _CACHE:
         module, name = KINDS[spec.backend.kind]
         cls = getattr(importlib.import_module(module), name)
-        _CACHE[key] = cls(spec, device=options.device, threads=options.threads, tta=options.tta,
+        _CACHE[key] = cls(spec, device=options.device, threads=options.threads, tta=tta,
                           localise_at=post.threshold)
     return _CACHE[key]

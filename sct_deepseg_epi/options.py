@@ -114,8 +114,10 @@ class Options:
     mode_4d: Mode4D = field(default="mean", metadata=_flag(
         "-4d", None, None, "4D input: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).",
         choices=("mean", "each")))
-    tta: bool = field(default=True, metadata=_flag(
-        "-tta", "<0|1>", yes_no, "Flip test-time augmentation (default 1; 0 is faster)."))
+    tta: bool | None = field(default=None, metadata=_flag(
+        "-tta", "<0|1>", yes_no, "Flip (mirroring) test-time augmentation. Default: the model's: 1 for this "
+                                 "engine's models; 0 for imported nnU-Net models, as in SCT (-tta 1 mirrors them "
+                                 "as SCT's -test-time-aug does). 0 is faster."))
     device: str = field(default="auto", metadata=_flag(
         "-device", None, None, "Where to run (default: auto; cuda needs onnxruntime-gpu).", choices=DEVICES))
     localise: bool = field(default=True, metadata=_flag(
@@ -153,9 +155,17 @@ class Options:
     def replace(self, **changes) -> Options:
         return replace(self, **changes)
 
-    def settings(self) -> dict[str, Any]:
-        """The choices that change a result (not where or how fast it runs): batch's resume key."""
-        d = {"threshold": self.threshold, "mode_4d": self.mode_4d, "tta": self.tta}
+    def tta_for(self, spec: ModelSpec) -> bool:
+        """Whether to run test-time flips for ``spec``: the choice made, else the model kind's default."""
+        return spec.backend.tta_default if self.tta is None else bool(self.tta)
+
+    def settings(self, spec: ModelSpec | None = None) -> dict[str, Any]:
+        """The choices that change a result (not where or how fast it runs): batch's resume key.
+
+        With ``spec``, test-time flips are resolved against the model, as they will run.
+        """
+        tta = self.tta_for(spec) if spec is not None else self.tta
+        d = {"threshold": self.threshold, "mode_4d": self.mode_4d, "tta": tta}
         # later fields only when set, so that earlier resume keys still match
         d.update({f.name: getattr(self, f.name) for f in fields(PostOptions)
                   if f.name != "threshold" and getattr(self, f.name) is not None})

@@ -104,8 +104,9 @@ CASES = {
     "sct_example_mean": _real("epi/sct-example-2014/fmri.nii.gz"),
     "sct_example_each": _real("epi/sct-example-2014/fmri.nii.gz", "each"),
     "brightlab_mean": _real("epi/brightlab-nw/func_mean.nii.gz"),
-    "nnunet_3d": _nnunet(3, "SimpleITKIO"),
-    "nnunet_2d_reorient": _nnunet(2, "NibabelIOWithReorient"),
+    # recorded when nnU-Net models mirrored by default; they now mirror only when asked (-tta 1)
+    "nnunet_3d": _nnunet(3, "SimpleITKIO", tta=True),
+    "nnunet_2d_reorient": _nnunet(2, "NibabelIOWithReorient", tta=True),
     "nnunet_3d_options": _nnunet(3, "NibabelIO", threshold=0.3, largest=True, fill_holes=True, remove_small="3vox",
                                  tta=False),
 }

@@ -151,7 +151,7 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     model_rec = bids.model_record(spec.name, spec.version, [(m.file, m.sha256) for m in spec.members])
     is_folder = isinstance(model, Path) or "/" in str(model) or str(model).startswith(".")
     worker_model = str(spec.directory) if is_folder else f"{spec.name}@{spec.version}"
-    key = bids.resume_key(model_rec, {**options.settings(), "soft": soft, "disagreement": disagreement})
+    key = bids.resume_key(model_rec, {**options.settings(spec), "soft": soft, "disagreement": disagreement})
 
     from filelock import FileLock
 

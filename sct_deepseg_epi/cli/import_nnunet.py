@@ -31,9 +31,22 @@ def get_parser() -> Parser:
     p.optional.add_argument("-version", metavar="<X.Y.Z>", default="1.0.0", help="Model version (default: 1.0.0).")
     p.optional.add_argument("-step", metavar="<float>", type=float, default=0.5,
                             help="Sliding-window step as a fraction of the patch (nnU-Net's default: 0.5).")
+    p.optional.add_argument("-convention", choices=("sct", "nnunet"), default="sct",
+                            help="Which axes the model sees. sct (default): as SCT's sct_deepseg runs nnU-Net models, "
+                                 "the image reoriented to RAS (SCT's LPI, or the model's dataset.json "
+                                 "image_orientation) before nnU-Net's axis order; for SCT's models. nnunet: as "
+                                 "nnUNetv2_predict, the axes nnU-Net's image reader gives the file as stored. The "
+                                 "two give different masks on images stored in other orientations.")
     p.optional.add_argument("-overwrite", metavar="<0|1>", type=yes_no, default=False,
                             help="Replace an existing, non-empty output folder (default: 0).")
     return p
+
+
+def convention_text(recipe) -> str:
+    """How -list-models and import-nnunet name a model's orientation convention."""
+    if recipe.convention == "sct":
+        return f"convention sct (reoriented to {recipe.orientation})"
+    return f"convention nnunet ({recipe.image_reader} axes)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,14 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     folds = [f.strip() for f in args.folds.split(",") if f.strip()] if args.folds else None
     try:
         out = import_nnunet(args.source, args.o, configuration=args.config, folds=folds, checkpoint=args.checkpoint,
-                            name=args.name, version=args.version, step_size=args.step, overwrite=args.overwrite)
+                            name=args.name, version=args.version, step_size=args.step, overwrite=args.overwrite,
+                            convention=args.convention)
     except ImportError as exc:  # the 'nnunet' extra is missing: the message says what to install
         sys.stderr.write(f"error: {exc}\n")
         return 1
     spec = load_manifest(out)
     recipe = spec.nnunet
     print(f"imported {spec.ref}: {len(spec.members)} fold(s), {recipe.configuration}, patch {list(recipe.patch_size)}, "
-          f"spacing {list(recipe.spacing)}, labels {dict(recipe.labels)}")
+          f"spacing {list(recipe.spacing)}, labels {dict(recipe.labels)}, {convention_text(recipe)}")
     print(f"model folder: {out}")
     print(f"run it with:  sct_deepseg_epi -i IMAGE.nii.gz -model {out}")
     return 0

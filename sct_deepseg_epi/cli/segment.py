@@ -52,7 +52,12 @@ def _list_models() -> int:
 
     for spec in store.available():
         state = "installed" if store.is_complete(spec) else "not installed"
-        print(f"{spec.ref:<24} {state:<14} {spec.description}")
+        kind = ""
+        if spec.nnunet is not None:
+            from .import_nnunet import convention_text
+
+            kind = f"[nnU-Net {spec.nnunet.configuration}, {convention_text(spec.nnunet)}] "
+        print(f"{spec.ref:<24} {state:<14} {kind}{spec.description}")
     print(f"models folder: {store.cache_root()}")
     return 0
 

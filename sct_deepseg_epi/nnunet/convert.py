@@ -33,7 +33,7 @@ from ..registry import download
 from ..registry.manifest import load_manifest, write_manifest
 from ..registry.store import sha256_file
 from ..outputs import check_folder, refuse_nesting
-from .recipe import IMAGE_READERS, NORMALISATIONS
+from .recipe import CONVENTIONS, IMAGE_READERS, NORMALISATIONS, axcodes_from_sct, valid_axcodes
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint_final.pth"
@@ -94,9 +94,27 @@ def _refuse(feature: str, detail: str) -> ModelError:
     return ModelError(f"unsupported nnU-Net model: {feature} ({detail})")
 
 
+def sct_orientation(plans: dict, dataset: dict) -> str:
+    """The axes (nibabel codes) SCT reorients an image to before running this model.
+
+    SCT reads the model's orientation from ``image_orientation`` in dataset.json (in SCT's
+    notation, where "LPI" is nibabel's RAS), else uses "AIL" for its region-based lesion
+    models (found by dataset name) and "LPI" for every other model.
+    """
+    code = dataset.get("image_orientation")
+    if code is None:
+        code = "AIL" if "RegionBasedLesionSeg" in str(plans.get("dataset_name", "")) else "LPI"
+    codes = axcodes_from_sct(code) if isinstance(code, str) and set(code.upper()) <= set("LRAPSI") else ""
+    if not valid_axcodes(codes):
+        raise ModelError(f"dataset.json: image_orientation {code!r} is not an orientation such as LPI")
+    return codes
+
+
 def recipe_from_plans(plans: dict, dataset: dict, configuration: str, mirror_axes: Sequence[int] | None,
-                      step_size: float = 0.5) -> dict:
+                      step_size: float = 0.5, convention: str = "sct") -> dict:
     """The manifest's ``nnunet`` section for one configuration of a plans file, or a refusal."""
+    if convention not in CONVENTIONS:
+        raise ModelError(f"convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
     configs = plans.get("configurations", {})
     if configuration not in configs:
         raise ModelError(f"plans.json has no configuration {configuration!r} (it has {', '.join(configs)})")
@@ -146,6 +164,8 @@ def recipe_from_plans(plans: dict, dataset: dict, configuration: str, mirror_axe
     use_mask = cfg.get("use_mask_for_norm", [False] * len(schemes))
     return {
         "configuration": configuration,
+        "convention": convention,
+        **({"orientation": sct_orientation(plans, dataset)} if convention == "sct" else {}),
         "image_reader": reader,
         "transpose_forward": [int(i) for i in plans["transpose_forward"]],
         "transpose_backward": [int(i) for i in plans["transpose_backward"]],
@@ -268,13 +288,20 @@ def _default_name(dataset_name: str, configuration: str) -> str:
 def import_nnunet(source: str | Path, output: str | Path, *, configuration: str | None = None,
                   folds: Sequence[str] | None = None, checkpoint: str = CHECKPOINT, name: str | None = None,
                   version: str = "1.0.0", step_size: float = 0.5, opset: int = 17,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, convention: str = "sct") -> Path:
     """Convert an nnU-Net v2 model (folder, archive or URL) into a model folder at ``output``.
+
+    ``convention``: ``sct`` runs the model on the axes SCT's ``sct_deepseg`` gives it (the
+    image reoriented to RAS, or to the model's ``image_orientation``), ``nnunet`` on the
+    axes nnU-Net's image reader gives it (``nnUNetv2_predict``). They differ for any image
+    not stored in that orientation.
 
     Returns the folder. Raises ModelError for unsupported models (naming the feature),
     unreadable checkpoints or a failed torch/ONNX Runtime parity check.
     """
     out = Path(output)
+    if convention not in CONVENTIONS:
+        raise ModelError(f"convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
     if "://" not in str(source):  # replacing -o must never remove the model it is made from
         refuse_nesting(out, [source], role="output model folder")
     check_folder(out, role="output model folder")
@@ -308,7 +335,7 @@ def import_nnunet(source: str | Path, output: str | Path, *, configuration: str 
         trainer = first.get("trainer_name", "nnUNetTrainer")
         cfg_name = (first.get("init_args") or {}).get("configuration") or folder.path.name.rsplit("__", 1)[-1]
         mirror = first.get("inference_allowed_mirroring_axes")
-        recipe = recipe_from_plans(plans, dataset, cfg_name, mirror, step_size)
+        recipe = recipe_from_plans(plans, dataset, cfg_name, mirror, step_size, convention)
         net, n_in, n_out, patch = _build_network(plans, dataset, cfg_name, trainer)
 
         stage = Path(tempfile.mkdtemp(prefix=".import-", dir=str(out.parent if out.parent.exists() else tmp)))

@@ -3,7 +3,7 @@
 The steps and their order are nnU-Net's own inference recipe, read from the manifest's
 ``backend`` section (``kind: nnunet``, see :mod:`sct_deepseg_epi.nnunet.recipe`):
 
-    image axes as nnU-Net's reader gives them -> transpose -> crop to the non-zero box
+    image axes (the model's convention: SCT's reorientation, or nnU-Net's reader) -> transpose -> crop to the non-zero box
     -> normalise -> resample to the target spacing -> sliding window (Gaussian blend,
     mirroring) per fold -> mean of the folds' logits -> resample back -> softmax/sigmoid
     -> labels -> uncrop -> transpose back
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from nibabel.orientations import apply_orientation
+from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from ..backend import Probabilities
 from ..errors import ModelError
@@ -54,6 +54,29 @@ def reader_view(data_ras: np.ndarray, zooms_ras: Sequence[float], to_ras: np.nda
         return np.ascontiguousarray(native.transpose(2, 1, 0)), native_zooms[::-1], \
             lambda a: apply_orientation(a.transpose(2, 1, 0), to_ras)
     raise ModelError(f"image reader {reader!r} is not supported")
+
+
+def sct_view(data_ras: np.ndarray, zooms_ras: Sequence[float], orientation: str = "RAS"
+             ) -> tuple[np.ndarray, list[float], callable]:
+    """The array and spacing SCT's ``sct_deepseg`` hands nnU-Net, and the way back to RAS.
+
+    SCT reorients the image to the model's orientation (its "LPI", nibabel's RAS, unless
+    the model says otherwise), then reverses the axes, and the spacing with them, to
+    nnU-Net's (z, y, x); the prediction comes back the same way in reverse.
+    """
+    to_model = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(orientation))
+    to_ras = ornt_transform(axcodes2ornt(orientation), axcodes2ornt("RAS"))
+    model = apply_orientation(data_ras, to_model)
+    zooms = [float(zooms_ras[int(to_ras[i, 0])]) for i in range(3)]
+    return np.ascontiguousarray(model.transpose(2, 1, 0)), zooms[::-1], \
+        lambda a: apply_orientation(a.transpose(2, 1, 0), to_ras)
+
+
+def model_view(data_ras: np.ndarray, vol, recipe: NnunetRecipe) -> tuple[np.ndarray, list[float], callable]:
+    """The (z, y, x) array the recipe starts from under the model's convention, its spacing, the way back."""
+    if recipe.convention == "sct":
+        return sct_view(data_ras, vol.zooms, recipe.orientation)
+    return reader_view(data_ras, vol.zooms, vol.to_ras, vol.from_ras, recipe.image_reader)
 
 
 # ---------------------------------------------------------------------------- crop and normalise
@@ -283,7 +306,7 @@ class NnunetBackend:
 
     regional = False  # nnU-Net's recipe always runs on the whole field
 
-    def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True,
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = False,
                  localise_at: float = 0.5):
         if spec.nnunet is None:
             raise ModelError(f"model {spec.ref} is not an imported nnU-Net model")
@@ -310,7 +333,7 @@ class NnunetBackend:
     def predict(self, data_ras: np.ndarray, vol, *, region=None, localise: bool = False,
                 timings: dict[str, float]) -> Probabilities:
         """nnU-Net's labels, foreground probability and disagreement on the RAS grid of ``vol``."""
-        arr, spacing, back = reader_view(data_ras, vol.zooms, vol.to_ras, vol.from_ras, self.recipe.image_reader)
+        arr, spacing, back = model_view(data_ras, vol, self.recipe)
         res = predict_reader_array(self.sessions(), arr, spacing, self.recipe, mirror=self.tta, timings=timings,
                                    source=vol.source)
         return Probabilities(np.clip(back(res.probability), 0, 1).astype(np.float32),

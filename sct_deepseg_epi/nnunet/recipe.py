@@ -7,10 +7,20 @@ those from the model's ``plans.json``/``dataset.json``/checkpoints into the mani
 :mod:`sct_deepseg_epi.nnunet.pipeline`. Validation is as strict as the rest of the manifest: unknown keys
 and unsupported features are errors that name the field.
 
+``convention`` says which voxel axes the recipe starts from (see docs/nnunet.md):
+
+* ``sct``: SCT's ``sct_deepseg`` way. The image is reoriented to ``orientation`` (nibabel
+  axis codes; ``RAS`` is SCT's "LPI"), its axes reversed to (z, y, x) and its spacing with
+  them; ``image_reader`` is not used. What ``import-nnunet`` writes by default.
+* ``nnunet``: ``nnUNetv2_predict``'s way: the axes that the plans' ``image_reader`` gives
+  for the file as stored. A manifest without the field means this: models imported
+  before the field existed were made, and tested, with the reader's axes.
+
 Example::
 
     "backend": {
-      "kind": "nnunet", "configuration": "3d_fullres", "image_reader": "SimpleITKIO",
+      "kind": "nnunet", "configuration": "3d_fullres", "convention": "sct", "orientation": "RAS",
+      "image_reader": "SimpleITKIO",
       "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
       "spacing": [5.0, 1.0, 1.0], "patch_size": [16, 128, 128], "step_size": 0.5,
       "mirror_axes": [0, 1, 2],
@@ -30,6 +40,10 @@ from ..errors import ModelError
 from ..registry.fields import no_leftovers, take
 
 IMAGE_READERS = ("SimpleITKIO", "NibabelIO", "NibabelIOWithReorient")
+CONVENTIONS = ("sct", "nnunet")
+# an old manifest has no convention: it was made with the reader's axes
+LEGACY_CONVENTION = "nnunet"
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 NORMALISATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization")
 _CT_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
 
@@ -56,6 +70,8 @@ class NnunetRecipe:
     """nnU-Net's inference recipe, in nnU-Net's own (transposed, z-first) axis order."""
 
     kind: ClassVar[str] = "nnunet"
+    # SCT runs nnU-Net models without test-time mirroring unless asked (-test-time-aug); so does -tta
+    tta_default: ClassVar[bool] = False
     configuration: str
     image_reader: str
     transpose_forward: tuple[int, ...]
@@ -72,6 +88,8 @@ class NnunetRecipe:
     regions_class_order: tuple[int, ...] | None = None
     # nnU-Net blends tiles in float16 on every device; "float32" is exact maths, minutely different
     blend_precision: str = "float16"
+    convention: str = LEGACY_CONVENTION
+    orientation: str = "RAS"  # sct convention: the axes (nibabel codes) the image is reoriented to
 
     @property
     def has_regions(self) -> bool:
@@ -82,6 +100,18 @@ class NnunetRecipe:
         if self.has_regions:
             return len(self.regions_class_order)  # type: ignore[arg-type]
         return len({int(v) for k, v in self.labels if k != "ignore"})
+
+
+def axcodes_from_sct(code: str) -> str:
+    """SCT's orientation string (where each axis comes *from*, e.g. "LPI") as nibabel axis codes ("RAS")."""
+    return "".join(_OPPOSITE[c] for c in code.upper())
+
+
+def valid_axcodes(codes: str) -> bool:
+    """Three nibabel axis codes, one per anatomical direction (e.g. RAS, PSR)."""
+    groups = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
+    return (isinstance(codes, str) and len(codes) == 3 and set(codes) <= set(_OPPOSITE)
+            and all(len(set(codes) & g) == 1 for g in groups))
 
 
 def _numbers(v: list, where: str, key: str, kind=(int, float), positive: bool = True) -> list:
@@ -105,6 +135,14 @@ def recipe_from_dict(raw: Mapping[str, Any], where: str) -> NnunetRecipe:
     d = dict(raw)
     w = f"{where}: nnunet"
     config = take(d, "configuration", w, str)
+    convention = take(d, "convention", w, str, LEGACY_CONVENTION)
+    if convention not in CONVENTIONS:
+        raise ModelError(f"{w}: convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
+    orientation = take(d, "orientation", w, str, "RAS")
+    if not valid_axcodes(orientation):
+        raise ModelError(f"{w}: orientation {orientation!r} must be three nibabel axis codes such as RAS")
+    if convention != "sct" and orientation != "RAS":
+        raise ModelError(f"{w}: orientation is only for the sct convention (the nnunet convention uses the reader's axes)")
     reader = take(d, "image_reader", w, str)
     if reader not in IMAGE_READERS:
         raise ModelError(f"{w}: image reader {reader!r} is not supported (only {', '.join(IMAGE_READERS)})")
@@ -182,6 +220,7 @@ def recipe_from_dict(raw: Mapping[str, Any], where: str) -> NnunetRecipe:
         anisotropy_threshold=aniso, normalisation=tuple(norms),
         labels=tuple((str(k), v if not isinstance(v, list) else tuple(v)) for k, v in labels.items()),
         regions_class_order=tuple(rco) if rco is not None else None, blend_precision=blend,
+        convention=convention, orientation=orientation,
     )
 
 
@@ -191,7 +230,9 @@ def recipe_to_dict(r: NnunetRecipe) -> dict[str, Any]:
         return {"order": x.order, "order_z": x.order_z, "force_separate_z": x.force_separate_z}
 
     return {
-        "configuration": r.configuration, "image_reader": r.image_reader,
+        "configuration": r.configuration, "convention": r.convention,
+        **({"orientation": r.orientation} if r.convention == "sct" else {}),
+        "image_reader": r.image_reader,
         "transpose_forward": list(r.transpose_forward), "transpose_backward": list(r.transpose_backward),
         "spacing": list(r.spacing), "patch_size": list(r.patch_size), "step_size": r.step_size,
         "mirror_axes": list(r.mirror_axes),

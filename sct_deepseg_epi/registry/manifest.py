@@ -54,6 +54,7 @@ class SliceModel:
     """``backend.kind == "slices"``: 2D members run slice by slice on an in-plane grid (this engine's own models)."""
 
     kind: ClassVar[str] = "slices"
+    tta_default: ClassVar[bool] = True  # the flips of flip_axes, unless -tta 0
     spacing_mm: tuple[float, float]
     context_slices: int = 0
     size_multiple: int = 16

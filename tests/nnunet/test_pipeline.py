@@ -91,8 +91,13 @@ def test_threshold_cleaning_and_mirroring(model3d, tmp_path):
     assert np.array_equal(low, (prob >= 0.3).astype(np.uint8))  # another threshold: the probability decides
     one = _mask(api.segment(image, model=str(model3d), threads=1, largest=True, dilate=1))
     assert one.sum() > _mask(base).sum() and set(np.unique(one)) <= {0, 1}
+    # imported nnU-Net models do not mirror unless asked, as in SCT
+    assert base.provenance()["tta"] is False
     flat = api.segment(image, model=str(model3d), threads=1, tta=False)
-    assert not np.array_equal(np.asarray(flat.probability.dataobj), prob)  # mirroring changes the average
+    assert np.array_equal(np.asarray(flat.probability.dataobj), prob)
+    mirrored = api.segment(image, model=str(model3d), threads=1, tta=True)
+    assert mirrored.provenance()["tta"] is True
+    assert not np.array_equal(np.asarray(mirrored.probability.dataobj), prob)  # mirroring changes the average
 
 
 def test_large_models_stream_their_folds_with_the_same_result(model3d, tmp_path, monkeypatch):
@@ -102,3 +107,29 @@ def test_large_models_stream_their_folds_with_the_same_result(model3d, tmp_path,
     streamed = api.segment(image, model=str(model3d), threads=3)  # another thread count: a new backend
     assert not pipeline.NnunetBackend(api.load_model(str(model3d)), threads=1).keep
     assert np.array_equal(_mask(streamed), kept)
+
+
+def test_tta_defaults_to_the_models_kind(model3d, tiny_model):
+    """-tta unset: this engine's models flip, imported nnU-Net models do not mirror (as in SCT)."""
+    native, nnunet = api.load_model("tiny"), api.load_model(str(model3d))
+    opts = api.Options()
+    assert opts.tta is None and opts.tta_for(native) is True and opts.tta_for(nnunet) is False
+    assert opts.settings(nnunet)["tta"] is False and opts.settings(native)["tta"] is True
+    for choice in (True, False):
+        o = api.Options(tta=choice)
+        assert o.tta_for(native) is choice and o.tta_for(nnunet) is choice
+
+
+def test_sct_view_reorients_reverses_and_comes_back():
+    arr = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)  # RAS (x, y, z)
+    zooms = (1.0, 2.0, 3.0)
+    view, spacing, back = pipeline.sct_view(arr, zooms)
+    assert np.array_equal(view, arr.transpose(2, 1, 0)) and spacing == [3.0, 2.0, 1.0]
+    # SCT's "AIL" (nibabel PSR): x runs posterior, y superior, z right
+    view, spacing, back = pipeline.sct_view(arr, zooms, "PSR")
+    assert view.shape == (5, 7, 6) and spacing == [1.0, 3.0, 2.0]
+    # view[x, z, p] (nnU-Net's reversed PSR axes) = arr[x, last - p, z]: the model's first P voxel is the most anterior
+    assert np.array_equal(view[:, :, 0], arr[:, -1, :]) and np.array_equal(view[:, 2, 1], arr[:, -2, 2])
+    for orientation in ("RAS", "PSR", "LPI", "ILA"):
+        view, _, back = pipeline.sct_view(arr, zooms, orientation)
+        assert np.array_equal(back(view), arr), orientation
