@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import nibabel as nib
 import numpy as np
@@ -223,13 +223,15 @@ _MAPS = {"mask": ("mask", np.uint8), "soft": ("probability", np.float32), "disag
 
 
 def run(input_path: str | Path, output: str | Path | None = None, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
-        soft: bool = False, disagreement: bool = False, options: Options | None = None, **choices) -> RunResult:
+        soft: bool = False, disagreement: bool = False, options: Options | None = None,
+        progress: Callable[[int, int], None] | None = None, **choices) -> RunResult:
     """Segment a file and write ``*_seg.nii.gz`` (+ sidecar, optional soft/disagreement maps).
 
     ``options.output == "probability"`` writes the soft probability map as the main
     output, as SCT's ``-thr 0`` does. A 4D ``-4d each`` series is streamed frame by frame,
     so memory stays at a few volumes whatever the series length. No output appears unless
-    everything succeeded.
+    everything succeeded. ``progress(done, total)`` is called after each volume of such a
+    series.
     """
     options = _options(options, choices)
     t0 = time.perf_counter()
@@ -250,10 +252,12 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
     with ExitStack() as stack:
         if each:
             writers = {k: stack.enter_context(FrameWriter(p, vol.image, shape, maps[k][1])) for k, p in targets.items()}
-            for frame in frames:
+            for done, frame in enumerate(frames, 1):
                 n_cord += int(np.count_nonzero(frame.mask))
                 for k, w in writers.items():
                     w.write(getattr(frame, maps[k][0]))
+                if progress is not None:
+                    progress(done, vol.n_frames)
             t1 = time.perf_counter()
             for w in writers.values():
                 w.commit()

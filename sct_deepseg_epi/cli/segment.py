@@ -57,6 +57,27 @@ def _list_models() -> int:
     return 0
 
 
+class _VolumeBar:
+    """``-4d each`` on a terminal: a bar of volumes done, their rate and the time left (as batch shows runs)."""
+
+    def __init__(self, verbosity: int):
+        self.bar = None
+        self.tty = sys.stderr.isatty() and verbosity >= 1
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.tty:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="vol", desc="volumes", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int:
     parser = parser or get_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -85,8 +106,12 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
         from .. import qc
 
         backend = "sct" if qc.sct_available() else "html"
-    result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=args.disagreement or backend == "html",
-                     options=options)
+    bar = _VolumeBar(args.v)
+    try:
+        result = api.run(args.i, args.o, model=model, soft=args.soft,
+                         disagreement=args.disagreement or backend == "html", options=options, progress=bar)
+    finally:
+        bar.close()
     log.info("wrote %s (%d cord voxels, %.2f s)", result.mask, result.provenance["cord_voxels"],
              result.provenance["timings_s"]["total"])
     if backend:
