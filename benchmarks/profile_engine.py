@@ -121,9 +121,10 @@ def main(argv=None) -> int:
         return out
 
     ProfiledSession.run = run
-    infer.prepare = clock.wrap("preprocess", preprocess.prepare)
+    infer.model_volume = clock.wrap("preprocess", preprocess.model_volume)
+    infer.prepare_from = clock.wrap("preprocess", preprocess.prepare_from)
     infer.restore = clock.wrap("restore", preprocess.restore)
-    infer.SliceBackend.localise = clock.wrap("quick pass", infer.SliceBackend.localise)
+    infer.SliceBackend._localise = clock.wrap("quick pass", infer.SliceBackend._localise)
     infer.Ensemble.predict = clock.wrap("ensemble (all calls)", infer.Ensemble.predict)
     api.finish = clock.wrap("postprocess", postprocess.finish)
     api.read_volume = clock.wrap("read", api.read_volume)
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
         c = statistics.median(r[1].get(label, 0.0) for r in per_run)
         print(f"  {label:<24} {w * 1e3:8.1f} {c * 1e3:8.1f}")
 
-    print(f"\n## ONNX Runtime calls of the last run ({len(calls)})")
+    print(f"\n## ONNX Runtime calls of the last run ({len(calls)}; CPU time is the process's, so calls that ran"
+          " side by side count each other's: exact with -threads 1)")
     for shape, w, c in calls[:40]:
         px = shape[0] * shape[2] * shape[3]
         print(f"  {str(tuple(shape)):<20} {px:>8} px  wall {w * 1e3:7.2f} ms  cpu {c * 1e3:7.2f} ms")

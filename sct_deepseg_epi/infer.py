@@ -20,7 +20,7 @@ import numpy as np
 from .backend import Probabilities
 from .errors import ModelError
 from .options import DEVICES
-from .preprocess import Prepared, model_grid_shape, prepare, restore, roi_around
+from .preprocess import Prepared, model_grid_shape, model_volume, prepare_from, restore, roi_around
 from .registry.manifest import ModelSpec
 
 if TYPE_CHECKING:
@@ -167,26 +167,34 @@ class Ensemble:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sct_deepseg_epi-infer")
         return self._pool.map(fn, items)
 
-    def _run_member(self, sess, batch: np.ndarray, flips: list[tuple[int, ...]]) -> np.ndarray:
-        # all flips of a chunk go through the network in one call
-        views = [np.flip(batch, axis=tuple(a + 2 for a in f)) if f else batch for f in flips]
-        image = np.ascontiguousarray(views[0] if len(views) == 1 else np.concatenate(views))
-        out = sess.run(["logits"], {"image": image})[0]
-        prob = _foreground(out, self.spec.activation)
+    def _run_member(self, sess, batch: np.ndarray, flips: list[tuple[int, ...]],
+                    known: np.ndarray | None = None) -> np.ndarray:
+        """One member's flip-averaged probability for ``batch``; ``known``: its unflipped one, already computed."""
+        todo = flips[1:] if known is not None else flips  # flips[0] is the identity
         n = batch.shape[0]
-        acc = np.zeros_like(prob[:n])
+        prob = None
+        if todo:  # all flips of a chunk go through the network in one call
+            views = [np.flip(batch, axis=tuple(a + 2 for a in f)) if f else batch for f in todo]
+            image = np.ascontiguousarray(views[0] if len(views) == 1 else np.concatenate(views))
+            prob = _foreground(sess.run(["logits"], {"image": image})[0], self.spec.activation)
+        acc = np.zeros((n,) + batch.shape[2:], np.float32)
         for i, f in enumerate(flips):
-            p = prob[i * n:(i + 1) * n]
+            if known is not None:
+                p = known if i == 0 else prob[(i - 1) * n:i * n]
+            else:
+                p = prob[i * n:(i + 1) * n]
             acc += np.flip(p, axis=tuple(a + 1 for a in f)) if f else p
         return acc / len(flips)
 
     def slices_per_call(self, shape_hw: tuple[int, int], n_flips: int) -> int:
         return max(1, self.call_pixels // (shape_hw[0] * shape_hw[1] * n_flips))
 
-    def predict(self, batch: np.ndarray, quick: bool = False) -> Probabilities:
+    def predict(self, batch: np.ndarray, quick: bool = False, first: np.ndarray | None = None) -> Probabilities:
         """(Z, C, H, W) -> mean probability and member disagreement (std), each (Z, H, W).
 
-        ``quick`` runs the first member alone without flips: a cheap pass to find the cord.
+        ``quick`` runs the first member alone without flips: a cheap pass to find the cord
+        (its disagreement is not computed). ``first`` is that pass's probability for this
+        same batch, when there is one: the first member's unflipped call is then not run again.
         """
         if batch.ndim != 4 or batch.shape[1] != self.spec.in_channels:
             raise ModelError(f"model {self.spec.ref} expects (Z, {self.spec.in_channels}, H, W) input, got {batch.shape}")
@@ -194,14 +202,23 @@ class Ensemble:
         flips = [()] if quick else self.flips
         z = batch.shape[0]
         chunk = self.slices_per_call(batch.shape[2:], len(flips))
-        calls = [(s, sess) for s in range(0, z, chunk) for sess in sessions]  # members in order per slice
+        calls = [(s, m) for s in range(0, z, chunk) for m in range(len(sessions))]  # members in order per slice
+
+        def run(call: tuple[int, int]) -> np.ndarray:
+            s, m = call
+            known = first[s:s + chunk] if first is not None and m == 0 and not quick else None
+            return self._run_member(sessions[m], batch[s:s + chunk], flips, known)
+
         mean = np.zeros((z,) + batch.shape[2:], np.float32)
         sq = np.zeros_like(mean)
-        for (s, _), p in zip(calls, self._map(lambda c: self._run_member(c[1], batch[c[0]:c[0] + chunk], flips), calls)):
+        for (s, _), p in zip(calls, self._map(run, calls)):
             mean[s:s + chunk] += p
-            sq[s:s + chunk] += p * p
+            if not quick:
+                sq[s:s + chunk] += p * p
         k = len(sessions)
         mean /= k
+        if quick:
+            return Probabilities(mean, sq)
         std = np.sqrt(np.maximum(sq / k - mean * mean, 0)).astype(np.float32)
         return Probabilities(mean, std)
 
@@ -223,24 +240,32 @@ class SliceBackend:
 
         None (run the whole field) when nothing is found or the region would cover most of it.
         """
+        return self._localise(prep)[0]
+
+    def _localise(self, prep: Prepared) -> tuple[tuple[slice, slice] | None, np.ndarray]:
+        """(:meth:`localise`'s region, the quick pass's probability on ``prep.batch``)."""
         quick = self.ensemble.predict(prep.batch, quick=True).probability
         (a0, a1), (b0, b1) = prep.pad
         found = quick[:, a0:quick.shape[1] - a1, b0:quick.shape[2] - b1] >= self.localise_at
         roi = roi_around(np.moveaxis(found, 0, 2), self.spec, prep.model_xy, ROI_MARGIN_MM)
         if roi is None or (roi[0].stop - roi[0].start) * (roi[1].stop - roi[1].start) > 0.6 * np.prod(prep.model_xy):
-            return None
-        return roi
+            return None, quick
+        return roi, quick
 
     def predict(self, data_ras: np.ndarray, vol: Volume, *, region: tuple[slice, slice] | None = None,
                 localise: bool = False, timings: dict[str, float]) -> Probabilities:
         t0 = time.perf_counter()
-        prep = prepare(data_ras, vol.zooms, self.spec, roi=region)
+        grid = model_volume(data_ras, vol.zooms, self.spec)
+        prep = prepare_from(grid, self.spec, roi=region)
         t1 = time.perf_counter()
+        first = None
         if region is None and localise:
-            region = self.localise(prep)
-            if region is not None:
-                prep = prepare(data_ras, vol.zooms, self.spec, roi=region)
-        out = self.ensemble.predict(prep.batch)
+            region, quick = self._localise(prep)
+            if region is None:  # the whole field after all: the quick pass was the first member's identity call
+                first = quick
+            else:
+                prep = prepare_from(grid, self.spec, roi=region)
+        out = self.ensemble.predict(prep.batch, first=first)
         prob = np.clip(restore(out.probability, prep), 0, 1)
         dis = restore(out.disagreement, prep)
         t2 = time.perf_counter()
