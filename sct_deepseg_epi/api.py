@@ -25,7 +25,7 @@ from .errors import IntegrityError, ModelError
 from .options import Options
 from .postprocess import PostOptions, finish
 from .read import Volume, from_image, read_volume
-from .registry import download, store
+from .registry import store
 from .registry.manifest import ModelSpec, load_manifest
 from .write import FrameWriter, check_output, default_output, derived_path, like, save_json, save_nifti, sidecar_path
 
@@ -63,6 +63,8 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
 
 
 def _install_or_explain(spec: ModelSpec) -> ModelSpec:
+    from .registry import download  # archives and HTTP: only when a model must be installed
+
     try:
         return download.install_spec(spec)
     except download.DownloadError as exc:

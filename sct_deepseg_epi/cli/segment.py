@@ -85,10 +85,11 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
     if args.list_models:
         return _list_models()
     from .. import api
-    from ..registry import download
 
     model = args.model
     if args.custom_url:
+        from ..registry import download
+
         url, _, frag = args.custom_url.partition("#sha256=")
         spec = download.install_url(url, sha256=frag.lower() or None)
         log.info("installed %s into %s", spec.ref, spec.directory)
