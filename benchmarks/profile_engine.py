@@ -12,7 +12,11 @@ work shares, CPU time is the steadier measure of what the engine costs. Prints
 - stages: wall and CPU seconds of each stage of one in-process run (median of -repeat,
   after one warm-up run that builds the sessions);
 - calls: every ONNX Runtime call of the last run (input shape, pixels, wall, CPU);
-- nodes: ONNX Runtime's own profiler, summed per operator type and the slowest nodes.
+- nodes: ONNX Runtime's own profiler, summed per operator type and the slowest nodes;
+- with ``-study``: one member alone, milliseconds per million input pixels for several call
+  sizes, arena on and off, graph optimisation with and without the NCHWc layout
+  (``ORT_ENABLE_ALL`` vs ``ORT_ENABLE_EXTENDED``), and for a 128x128x24 pass the two ways to
+  use 2 cores: ONNX Runtime's intra-op threads on large calls, or small calls side by side.
 """
 from __future__ import annotations
 
@@ -36,10 +40,10 @@ def make_phantom(path: Path) -> None:
     nib.save(make_phantom((128, 128, 24), n_volumes=1, zooms=(1.0, 1.0, 5.0), seed=1).image, str(path))
 
 
-def import_costs(image: Path, out: Path, model: str) -> list[tuple[str, float]]:
+def import_costs(image: Path, out: Path, model: str, mode_4d: str) -> list[tuple[str, float]]:
     """Self import time (s) per top-level package of the whole command, in a fresh process."""
     cmd = [sys.executable, "-X", "importtime", "-m", "sct_deepseg_epi", "-i", str(image), "-o", str(out),
-           "-model", model, "-v", "0"]
+           "-model", model, "-v", "0", "-4d", mode_4d]
     err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     per: dict[str, float] = collections.defaultdict(float)
     for line in err.splitlines():
@@ -68,12 +72,74 @@ class Clock:
         return timed
 
 
+def study(member: Path, cpus: int) -> None:
+    """Per-call cost of one member under the settings the engine could choose."""
+    import numpy as np
+    import onnxruntime as ort
+    from concurrent.futures import ThreadPoolExecutor
+
+    def session(level, threads: int, arena: bool):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.enable_cpu_mem_arena = arena
+        so.graph_optimization_level = level
+        so.log_severity_level = 3
+        return ort.InferenceSession(str(member), so, providers=["CPUExecutionProvider"])
+
+    def best(fn, n: int) -> tuple[float, float]:
+        fn()
+        walls, cpus_ = [], []
+        for _ in range(n):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            walls.append(time.perf_counter() - t0)
+            cpus_.append(time.process_time() - c0)
+        return statistics.median(walls), statistics.median(cpus_)
+
+    rng = np.random.default_rng(0)
+    levels = {"ALL (NCHWc)": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    print("\n## one member, 1 thread: CPU ms per million input pixels (median of 15 calls)")
+    shapes = [(1, 128, 128), (2, 128, 128), (8, 128, 128), (24, 128, 128), (48, 128, 128), (20, 40, 40),
+              (48, 40, 40), (1, 256, 256), (4, 256, 256)]
+    print(f"  {'call (N, H, W)':<16} {'pixels':>8} " + " ".join(f"{f'{lv} arena {a}':>22}" for lv in levels
+                                                                  for a in ("off", "on")))
+    sessions = {(lv, a): session(level, 1, a == "on") for lv, level in levels.items() for a in ("off", "on")}
+    for n, h, w in shapes:
+        x = rng.standard_normal((n, 1, h, w)).astype(np.float32)
+        row = []
+        for key, sess in sessions.items():
+            _, c = best(lambda: sess.run(None, {"image": x}), 15)
+            row.append(c * 1e9 / (n * h * w))
+        print(f"  {str((n, h, w)):<16} {n * h * w:>8} " + " ".join(f"{v:>22.0f}" for v in row))
+    if cpus < 2:
+        return
+    x = rng.standard_normal((24, 1, 128, 128)).astype(np.float32)
+    print(f"\n## a 128x128x24 pass of one member on {cpus} cores (median of 9; wall and CPU ms)")
+    for threads, per_call, workers in ((1, 24, 1), (cpus, 24, 1), (cpus, 2, 1), (1, 2, cpus)):
+        sess = session(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads, True)
+        parts = [x[i:i + per_call] for i in range(0, 24, per_call)]
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+        def one_pass():
+            run = lambda p: sess.run(None, {"image": p})  # noqa: E731
+            list(pool.map(run, parts) if pool else map(run, parts))
+
+        wall, c = best(one_pass, 9)
+        print(f"  intra-op threads {threads}, {per_call:>2} slices per call, {workers} call(s) at a time: "
+              f"wall {wall * 1e3:6.1f}  CPU {c * 1e3:6.1f}")
+        if pool:
+            pool.shutdown()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-i", type=Path, help="image to segment (default: a 128x128x24 phantom)")
     ap.add_argument("-model", default="seg_sc_epi")
     ap.add_argument("-repeat", type=int, default=5)
     ap.add_argument("-threads", type=int, default=None)
+    ap.add_argument("-4d", dest="mode_4d", choices=("mean", "each"), default="mean", help="for a 4D -i")
+    ap.add_argument("-study", action="store_true", help="also compare call sizes, arena, layouts and threading")
     ap.add_argument("-top", type=int, default=10, help="slowest nodes to list")
     args = ap.parse_args(argv)
 
@@ -84,7 +150,7 @@ def main(argv=None) -> int:
 
     print(f"image {image}; model {args.model}; cpus {len(os.sched_getaffinity(0))}")
     print("\n## imports (self time per top-level package, one fresh process of the whole command)")
-    costs = import_costs(image, tmp / "imp_seg.nii.gz", args.model)
+    costs = import_costs(image, tmp / "imp_seg.nii.gz", args.model, args.mode_4d)
     for name, s in costs[:8]:
         print(f"  {name:<24} {s * 1e3:7.1f} ms")
     print(f"  {'all':<24} {sum(s for _, s in costs) * 1e3:7.1f} ms")
@@ -109,7 +175,7 @@ def main(argv=None) -> int:
     from sct_deepseg_epi import api, infer, postprocess, preprocess, write
     from sct_deepseg_epi.options import Options
 
-    options = Options(threads=args.threads)
+    options = Options(threads=args.threads, mode_4d=args.mode_4d)
     clock = Clock()
     calls: list[tuple[tuple, float, float]] = []
     plain_run = plain_session.run
@@ -121,14 +187,17 @@ def main(argv=None) -> int:
         return out
 
     ProfiledSession.run = run
-    infer.model_volume = clock.wrap("preprocess", preprocess.model_volume)
-    infer.prepare_from = clock.wrap("preprocess", preprocess.prepare_from)
+    for name in ("prepare", "model_volume", "prepare_from"):  # whichever this version of the engine calls
+        if hasattr(infer, name):
+            setattr(infer, name, clock.wrap("preprocess", getattr(preprocess, name)))
     infer.restore = clock.wrap("restore", preprocess.restore)
-    infer.SliceBackend._localise = clock.wrap("quick pass", infer.SliceBackend._localise)
+    quick = "_localise" if hasattr(infer.SliceBackend, "_localise") else "localise"
+    setattr(infer.SliceBackend, quick, clock.wrap("quick pass", getattr(infer.SliceBackend, quick)))
     infer.Ensemble.predict = clock.wrap("ensemble (all calls)", infer.Ensemble.predict)
     api.finish = clock.wrap("postprocess", postprocess.finish)
     api.read_volume = clock.wrap("read", api.read_volume)
     api.save_nifti = clock.wrap("write", write.save_nifti)
+    write.FrameWriter.write = clock.wrap("write", write.FrameWriter.write)
 
     out = tmp / "out_seg.nii.gz"
     api.run(image, out, model=args.model, options=options)  # warm-up: sessions
@@ -184,6 +253,11 @@ def main(argv=None) -> int:
     print("  slowest nodes (total ms over all calls):")
     for name, d in sorted(by_node.items(), key=lambda kv: -sum(kv[1]))[:args.top]:
         print(f"    {name:<56} {sum(d) * 1e3:8.1f}")
+    if args.study:
+        from sct_deepseg_epi.api import load_model
+
+        ort.InferenceSession = plain_session
+        study(load_model(args.model).member_paths()[0], len(os.sched_getaffinity(0)))
     return 0
 
 
