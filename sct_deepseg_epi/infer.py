@@ -161,11 +161,11 @@ class Ensemble:
         """``map(fn, items)`` in order, on ``workers`` threads (ONNX Runtime releases the GIL)."""
         if self.workers == 1 or len(items) == 1:
             return map(fn, items)
-        if self._pool is None:
+        if self._pool is None or self._pool[0] != os.getpid():  # a forked child has none of the threads
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sct_deepseg_epi-infer")
-        return self._pool.map(fn, items)
+            self._pool = (os.getpid(), ThreadPoolExecutor(self.workers, thread_name_prefix="sct_deepseg_epi-infer"))
+        return self._pool[1].map(fn, items)
 
     def _run_member(self, sess, batch: np.ndarray, flips: list[tuple[int, ...]],
                     known: np.ndarray | None = None) -> np.ndarray:

@@ -123,3 +123,30 @@ def test_results_do_not_depend_on_call_size_or_threads(tmp_path):
         assert np.array_equal(out.probability, ref.probability) and np.array_equal(out.disagreement, ref.disagreement)
         per_call = max(1, pixels // (24 * 16 * 2))
         assert ens.sessions[0].calls == -(-7 // per_call)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_ensemble_on_threads_of_its_own(tmp_path):
+    import multiprocessing
+
+    global _INHERITED
+    spec = load_manifest(make_model_folder(tmp_path / "m", members=((2.0, -1.0), (0.5, 0.3))))
+    ens = Ensemble(spec, device="cpu", threads=2)
+    ens.call_pixels = 1  # a call per slice: several calls, so the thread pool is used
+    x = np.random.default_rng(2).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    want = ens.predict(x).probability  # the parent's pool exists before the fork
+    _INHERITED = (ens, x)
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_predict_inherited).get(timeout=60)
+    finally:
+        _INHERITED = None
+    assert np.array_equal(got, want)
+
+
+_INHERITED = None
+
+
+def _predict_inherited():
+    ens, x = _INHERITED
+    return ens.predict(x).probability
