@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 _SESSIONS: dict[tuple, object] = {}
 _SHARED_ARENA = False
 PIXELS_PER_CALL = 1 << 19  # input pixels per ONNX Runtime call on a GPU (about 60 MB of activations)
-# On CPU: 2 slices of 128 x 128, or 1 with its flip: a 8-32 channel U-Net's activations then fit
-# in a core's L2 cache. Measured: about 105 ms per million pixels at 16-32k pixels per call, against
-# 210 ms at 400k (docs/performance.md)
+# On CPU: 2 slices of 128 x 128, or 1 with its flip: an 8-32 channel U-Net's activations then fit
+# in a core's L2 cache. Measured: 105-125 ms of CPU per million pixels up to 130k pixels per call,
+# 130-250 ms at 400-800k (docs/performance.md)
 CPU_CALL_PIXELS = 1 << 15
 ROI_MARGIN_MM = 12.0  # margin around the cord found first: covers motion and keeps CSF/tissue context
 
