@@ -21,13 +21,16 @@ import numpy as np
 
 from . import __version__
 from .backend import Backend, backend_for
+from .confidence import sidecar_block, slice_report, to_native
 from .errors import IntegrityError, ModelError
 from .options import Options
+from .outputs import OutputSet, check_output
 from .postprocess import PostOptions, finish
+from .preprocess import check_model_grid
 from .read import Volume, from_image, read_volume
 from .registry import store
 from .registry.manifest import ModelSpec, load_manifest
-from .write import FrameWriter, check_output, default_output, derived_path, like, save_json, save_nifti, sidecar_path
+from .write import FrameWriter, default_output, derived_path, like, save_json, save_nifti, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,11 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
     else:
         spec = store.resolve(model)
     if not store.is_complete(spec) or spec.directory is None:
-        if not install or not spec.mirrors:
-            raise ModelError(f"model {spec.ref} is not installed; run: sct_deepseg_epi -install -model {spec.ref}"
-                             " (or -custom-url URL for an archive you have)")
+        source = store.with_mirrors(spec)  # an installed copy's own manifest may not say where it came from
+        if not install or not source.mirrors:
+            raise ModelError(_not_installed(spec, source))
         log.info("model %s is not installed; downloading it", spec.ref)
-        spec = _install_or_explain(spec)
+        spec = _install_or_explain(source)
     try:
         store.verify(spec)
     except IntegrityError:
@@ -62,11 +65,28 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
     return spec
 
 
+def _not_installed(spec: ModelSpec, source: ModelSpec) -> str:
+    """Why a model cannot run, naming the missing member file and a command that repairs it."""
+    missing = [p for p in spec.member_paths() if not p.is_file()] if spec.directory is not None else []
+    if not missing:
+        return (f"model {spec.ref} is not installed; run: sct_deepseg_epi -install -model {spec.ref}"
+                " (or -custom-url URL for an archive you have)")
+    what = f"{missing[0]}: member file of model {spec.ref} is missing" + (
+        f" ({len(missing)} of {len(spec.members)} are)" if len(missing) > 1 else "")
+    if source.mirrors:
+        return f"{what}; run: sct_deepseg_epi -install -model {spec.ref}"
+    if store.in_cache(spec):
+        return f"{what}; install it again from its archive with: sct_deepseg_epi -custom-url URL"
+    return f"{what}; the model folder {spec.directory} is incomplete"
+
+
 def _install_or_explain(spec: ModelSpec) -> ModelSpec:
     from .registry import download  # archives and HTTP: only when a model must be installed
 
     try:
         return download.install_spec(spec)
+    except download.CacheError:
+        raise  # the models folder is the problem, not the network
     except download.DownloadError as exc:
         raise ModelError(f"model {spec.ref} is not installed and could not be downloaded ({exc}); "
                          f"when online run: sct_deepseg_epi -install -model {spec.ref}") from None
@@ -79,6 +99,7 @@ class Frame:
     mask: np.ndarray          # uint8
     probability: np.ndarray   # float32, ensemble mean
     disagreement: np.ndarray  # float32, std across members
+    slices: list[dict] = field(default_factory=list)  # per-slice confidence (confidence.py), input's order
 
 
 @dataclass
@@ -94,10 +115,11 @@ class Segmentation:
     source: str
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    confidence: dict[str, Any] = field(default_factory=dict)  # the sidecar's slices and slice_flags
 
     def provenance(self) -> dict[str, Any]:
         return provenance(self.model, self.options, self.provider, self.source, self.timings, self.warnings,
-                          int(np.count_nonzero(np.asarray(self.mask.dataobj))))
+                          int(np.count_nonzero(np.asarray(self.mask.dataobj))), confidence=self.confidence)
 
 
 def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: PostOptions,
@@ -105,10 +127,11 @@ def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: Post
     """One 3D RAS array -> (its mask on the RAS grid, its Frame on the input's own axes)."""
     probs = backend.predict(data_ras, vol, region=region, localise=localise, timings=timings)
     t0 = time.perf_counter()
-    mask = finish(probs, post, float(np.prod(vol.zooms)), backend.spec.threshold)
+    mask = finish(probs, post, vol.zooms, backend.spec.threshold)
+    report = slice_report(mask, probs.probability, probs.disagreement, vol.zooms, post.threshold)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
     return mask, Frame(vol.to_native(mask), vol.to_native(probs.probability).astype(np.float32),
-                       vol.to_native(probs.disagreement).astype(np.float32))
+                       vol.to_native(probs.disagreement).astype(np.float32), to_native(report, vol.to_ras))
 
 
 def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[str, float] | None = None) -> Iterator[Frame]:
@@ -121,6 +144,8 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
     volumes are run on the full field.
     """
     timings = {} if timings is None else timings
+    if spec.backend.kind == "slices":
+        check_model_grid(vol.data.shape, vol.zooms, spec.spacing_mm, vol.source)  # before any allocation
     backend = backend_for(spec, options)
     post = options.post(spec)
     if not (vol.is_4d and options.mode_4d == "each"):
@@ -171,7 +196,8 @@ def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpe
     else:
         arrays = tuple(np.stack([getattr(f, k) for f in frames], axis=-1) for k in ("mask", "probability", "disagreement"))
     seg = Segmentation(like(arrays[0], ref), like(arrays[1], ref), like(arrays[2], ref), spec,
-                       backend_for(spec, options).provider, options, vol.source, timings, list(vol.warnings))
+                       backend_for(spec, options).provider, options, vol.source, timings, list(vol.warnings),
+                       sidecar_block([f.slices for f in frames], vol.to_ras))
     _warn_if_empty(seg.warnings, vol.source, int(np.count_nonzero(arrays[0])))
     return seg
 
@@ -185,7 +211,7 @@ def _warn_if_empty(warnings: list[str], source: str, cord_voxels: int) -> None:
 
 def provenance(spec: ModelSpec, options: Options, provider: str, source: str, timings: dict[str, float],
                warnings: list[str], cord_voxels: int, input_sha256: str | None = None,
-               outputs: dict[str, str] | None = None) -> dict[str, Any]:
+               outputs: dict[str, str] | None = None, confidence: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took."""
     post = asdict(options.post(spec))
     d: dict[str, Any] = {
@@ -207,6 +233,7 @@ def provenance(spec: ModelSpec, options: Options, provider: str, source: str, ti
     }
     if outputs is not None:
         d["outputs"] = outputs
+    d.update(confidence or {})
     return d
 
 
@@ -224,57 +251,88 @@ class RunResult:
 _MAPS = {"mask": ("mask", np.uint8), "soft": ("probability", np.float32), "disagreement": ("disagreement", np.float32)}
 
 
+def run_targets(input_path: str | Path, output: str | Path | None = None, *, soft: bool = False,
+                disagreement: bool = False, options: Options | None = None) -> dict[str, Path]:
+    """Every file :func:`run` would write, by role (mask, soft, disagreement, sidecar)."""
+    out = check_output(output or default_output(input_path), [input_path], role="mask")
+    targets = {"mask": out}
+    if soft and (options or Options()).output != "probability":
+        targets["soft"] = derived_path(out, "_soft")
+    if disagreement:
+        targets["disagreement"] = derived_path(out, "_disagreement")
+    targets["sidecar"] = sidecar_path(out)
+    return targets
+
+
 def run(input_path: str | Path, output: str | Path | None = None, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
         soft: bool = False, disagreement: bool = False, options: Options | None = None,
-        progress: Callable[[int, int], None] | None = None, **choices) -> RunResult:
+        then: Callable[[RunResult], Any] | None = None, progress: Callable[[int, int], None] | None = None,
+        **choices) -> RunResult:
     """Segment a file and write ``*_seg.nii.gz`` (+ sidecar, optional soft/disagreement maps).
 
     ``options.output == "probability"`` writes the soft probability map as the main
     output, as SCT's ``-thr 0`` does. A 4D ``-4d each`` series is streamed frame by frame,
-    so memory stays at a few volumes whatever the series length. No output appears unless
-    everything succeeded. ``progress(done, total)`` is called after each volume of such a
-    series.
+    so memory stays at a few volumes whatever the series length.
+
+    Every path the run will write is checked against the input before any work; the files
+    are written to temporaries and renamed together at the end, so no output appears unless
+    everything succeeded. ``then`` (a QC report, say) runs after the renames; if it fails,
+    the run's files are removed again and its error raised. ``progress(done, total)`` is
+    called after each volume of a ``-4d each`` series.
     """
     options = _options(options, choices)
     t0 = time.perf_counter()
-    out = check_output(output or default_output(input_path), [input_path])
-    vol = read_volume(input_path)
-    timings: dict[str, float] = {"read": time.perf_counter() - t0}
-    spec = load_model(model)
-    each = vol.is_4d and options.mode_4d == "each"
-    shape = vol.image.shape[:3] + ((vol.n_frames,) if each else ())
-    maps = dict(_MAPS, mask=_MAPS["soft"]) if options.output == "probability" else _MAPS
-    targets = {"mask": out}
-    if soft and options.output != "probability":
-        targets["soft"] = derived_path(out, "_soft")
-    if disagreement:
-        targets["disagreement"] = derived_path(out, "_disagreement")
-    frames = iter_frames(vol, spec, options, timings)
-    n_cord = 0
-    with ExitStack() as stack:
-        if each:
-            writers = {k: stack.enter_context(FrameWriter(p, vol.image, shape, maps[k][1])) for k, p in targets.items()}
-            for done, frame in enumerate(frames, 1):
-                n_cord += int(np.count_nonzero(frame.mask))
-                for k, w in writers.items():
-                    w.write(getattr(frame, maps[k][0]))
-                if progress is not None:
-                    progress(done, vol.n_frames)
-            t1 = time.perf_counter()
-            for w in writers.values():
-                w.commit()
-        else:
-            frame = next(frames)
-            n_cord = int(np.count_nonzero(frame.mask))
-            t1 = time.perf_counter()
-            for k, p in targets.items():
-                save_nifti(like(getattr(frame, maps[k][0]).astype(maps[k][1]), vol.image), p)
-    timings["write"] = time.perf_counter() - t1
-    warnings = list(vol.warnings)
-    _warn_if_empty(warnings, vol.source, n_cord)
-    timings["total"] = time.perf_counter() - t0
-    prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
-                      n_cord, input_sha256=store.sha256_file(input_path),
-                      outputs={k: Path(p).name for k, p in targets.items()})
-    side = save_json(prov, sidecar_path(out))
-    return RunResult(out, side, {k: v for k, v in targets.items() if k != "mask"}, prov)
+    targets = run_targets(input_path, output, soft=soft, disagreement=disagreement, options=options)
+    out = targets["mask"]
+    outputs = OutputSet(targets, [input_path])
+    maps_to_write = [k for k in targets if k != "sidecar"]
+    with outputs:
+        vol = read_volume(input_path)
+        timings: dict[str, float] = {"read": time.perf_counter() - t0}
+        spec = load_model(model)
+        each = vol.is_4d and options.mode_4d == "each"
+        shape = vol.image.shape[:3] + ((vol.n_frames,) if each else ())
+        maps = dict(_MAPS, mask=_MAPS["soft"]) if options.output == "probability" else _MAPS
+        frames = iter_frames(vol, spec, options, timings)
+        n_cord = 0
+        reports = []
+        with ExitStack() as stack:
+            if each:
+                writers = {k: stack.enter_context(FrameWriter(targets[k], vol.image, shape, maps[k][1],
+                                                              tmp=outputs.temp(k))) for k in maps_to_write}
+                for done, frame in enumerate(frames, 1):
+                    n_cord += int(np.count_nonzero(frame.mask))
+                    reports.append(frame.slices)
+                    for k, w in writers.items():
+                        w.write(getattr(frame, maps[k][0]))
+                    if progress is not None:
+                        progress(done, vol.n_frames)
+                t1 = time.perf_counter()
+                for w in writers.values():
+                    w.finish()
+            else:
+                frame = next(frames)
+                n_cord = int(np.count_nonzero(frame.mask))
+                reports.append(frame.slices)
+                t1 = time.perf_counter()
+                for k in maps_to_write:
+                    save_nifti(like(getattr(frame, maps[k][0]).astype(maps[k][1]), vol.image), targets[k],
+                               tmp=outputs.temp(k))
+        timings["write"] = time.perf_counter() - t1
+        warnings = list(vol.warnings)
+        _warn_if_empty(warnings, vol.source, n_cord)
+        timings["total"] = time.perf_counter() - t0
+        prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
+                          n_cord, input_sha256=store.sha256_file(input_path),
+                          outputs={k: Path(targets[k]).name for k in maps_to_write},
+                          confidence=sidecar_block(reports, vol.to_ras))
+        save_json(prov, targets["sidecar"], tmp=outputs.temp("sidecar"))
+    outputs.commit()
+    result = RunResult(out, targets["sidecar"], {k: targets[k] for k in maps_to_write if k != "mask"}, prov)
+    if then is not None:
+        try:
+            then(result)
+        except BaseException:
+            outputs.discard()
+            raise
+    return result

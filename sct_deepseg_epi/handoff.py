@@ -24,7 +24,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,6 +33,7 @@ import numpy as np
 from nibabel.orientations import io_orientation
 
 from .errors import EpiSegError, InputError
+from .outputs import check_output, check_outputs, refuse_overwrite
 from .read import load_nifti, strip_nifti_suffix
 from .write import like, save_nifti
 
@@ -134,6 +135,7 @@ def moco_mask(bold: Path | str, seg: Path | str, out: Path | str | None = None,
     The default output is ``mask_<bold>.nii.gz`` beside ``bold``, as ``sct_create_mask`` names it.
     Raises InputError for a mask on another grid or an empty mask.
     """
+    out = check_output(out if out is not None else default_mask_path(bold), [bold, seg], role="moco mask")
     bold_img, seg_img = load_nifti(bold), load_nifti(seg)
     check_same_grid(seg_img, str(seg), bold_img, str(bold))
     data = np.asarray(seg_img.dataobj)
@@ -146,7 +148,6 @@ def moco_mask(bold: Path | str, seg: Path | str, out: Path | str | None = None,
     except InputError as exc:
         raise InputError(f"{seg}: {exc}") from None
     mask = cylinder(seg_img.shape[:3], seg_img.affine, centres, axis, diameter_mm)
-    out = Path(out) if out is not None else default_mask_path(bold)
     ref = seg_img if seg_img.ndim == 3 else seg_img.slicer[..., 0]
     save_nifti(like(mask, ref), out)
     n_missing = int((~found).sum())
@@ -299,7 +300,8 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     if img.ndim != 4 or img.shape[3] < 2:
         raise InputError(f"{bold}: motion correction needs a 4D series (shape {img.shape})")
     folder = Path(ofolder).resolve() if ofolder is not None else bold.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: the output folder is a file")
     pam50 = find_template(template)
     tpl = {k: pam50 / "template" / f"PAM50_{k}.nii.gz" for k in ("t2s", "cord", "levels")}
     for path in list(tpl.values()) + [pam50 / "template" / "info_label.txt"]:
@@ -327,6 +329,12 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
         warp_template2fmri=folder / "warp_template2fmri.nii.gz", warp_fmri2template=folder / "warp_fmri2template.nii.gz",
         template_reg=folder / "PAM50_t2s_reg.nii.gz", levels=folder / "label" / "template" / "PAM50_levels.nii.gz",
         log=folder / LOG_NAME)
+    # every file a step writes, against every input, before the folder is made or a step runs
+    written = {f.name: getattr(out, f.name) for f in fields(out)
+               if isinstance(getattr(out, f.name), Path) and not (f.name == "mean_seg" and seg is not None)}
+    refuse_overwrite(written, [bold, seg, *warps, *tpl.values()])
+    folder.mkdir(parents=True, exist_ok=True)
+    check_outputs({k: v for k, v in written.items() if k != "levels"})  # sct_warp_template makes label/
     steps = _Steps(folder, force, run_command)
     qc_args = ["-qc", str(Path(qc).resolve())] if qc else []
     qc_args += (["-qc-dataset", qc_dataset] if qc and qc_dataset else []) + (["-qc-subject", qc_subject] if qc and qc_subject else [])

@@ -51,6 +51,21 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def bounded_threads(threads: int | None) -> int:
+    """``-threads``, at most the CPUs available (with a warning); None: all of them.
+
+    ONNX Runtime starts every thread it is given: 10000 threads take minutes to start and
+    then fight over the cores. Fewer than 1 is refused where options are made.
+    """
+    cpus = default_threads()
+    if threads is None:
+        return cpus
+    if threads > cpus:
+        log.warning("-threads %d is more than the %d CPU(s) available to this process; using %d", threads, cpus, cpus)
+        return cpus
+    return int(threads)
+
+
 def providers_for(device: str) -> list[str]:
     """ONNX Runtime providers for ``-device``; 'cuda' without a CUDA build is an error."""
     if device not in DEVICES:
@@ -143,7 +158,7 @@ class Ensemble:
     def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True):
         self.spec = spec
         self.providers = providers_for(device)
-        self.threads = threads or default_threads()
+        self.threads = bounded_threads(threads)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
         # CPU: parallel across calls, one thread each; GPU: ONNX Runtime's own threads, large calls
         session_threads = 1 if self.on_cpu else self.threads

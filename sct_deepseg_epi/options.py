@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 Mode4D = Literal["mean", "each"]
 Output = Literal["mask", "probability"]
 DEVICES = ("auto", "cpu", "cuda")
+METHODS = ("z", "3d")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(vox|mm3)?$")
 
 
@@ -67,12 +68,15 @@ class PostOptions:
     """Postprocessing, fully resolved: probabilities on the native grid -> a clean mask."""
 
     threshold: float = 0.5
+    method: str = "z"  # "z": follow the cord along z (zfollow.py); "3d": largest 3D object (0.1.0's)
     largest: bool = True
     fill_holes: bool = True
     remove_small: str = "0vox"
     dilate: int = 0
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"postprocess method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if isinstance(self.dilate, bool) or not isinstance(self.dilate, int) or self.dilate < 0:
             raise ValueError(f"dilate must be a whole number of voxels >= 0, not {self.dilate!r}")
         try:
@@ -92,8 +96,14 @@ class Options:
     output: Output = "mask"
     threshold: float | None = field(default=None, metadata=_flag(
         "-thr", "<float>", _threshold, "Binarisation threshold on the ensemble probability (default: the model's)."))
+    method: str | None = field(default=None, metadata=_flag(
+        "-postprocess", None, None, "z: follow the cord along z slice by slice (a centreline through the confident "
+        "slices; weaker slices next to them kept with lower thresholds; off-path objects removed); 3d: threshold "
+        "and keep the largest 3D connected object, as earlier versions did (default: the model's, z).",
+        choices=METHODS))
     largest: bool | None = field(default=None, metadata=_flag(
-        "-largest", "<0|1>", yes_no, "Keep only the largest connected object (default: the model's, 1)."))
+        "-largest", "<0|1>", yes_no, "With -postprocess 3d: keep only the largest connected object "
+                                     "(default: the model's, 1)."))
     fill_holes: bool | None = field(default=None, metadata=_flag(
         "-fill-holes", "<0|1>", yes_no, "Fill holes in each axial slice (default: the model's, 1)."))
     remove_small: str | None = field(default=None, metadata=_flag(
@@ -149,6 +159,8 @@ class Options:
         # later fields only when set, so that earlier resume keys still match
         d.update({f.name: getattr(self, f.name) for f in fields(PostOptions)
                   if f.name != "threshold" and getattr(self, f.name) is not None})
+        # always: masks made before z-following became the default must not pass as up to date
+        d.setdefault("method", None)
         if not self.localise:
             d["localise"] = False
         return d

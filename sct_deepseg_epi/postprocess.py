@@ -8,6 +8,7 @@ only, held to scipy.ndimage by the tests); cord masks are small, so this costs m
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -80,19 +81,28 @@ def postprocess(prob: np.ndarray, opts: PostOptions, voxel_mm3: float) -> np.nda
     return clean(prob >= opts.threshold, opts, voxel_mm3)
 
 
-def finish(probs: Probabilities, opts: PostOptions, voxel_mm3: float, labels_at: float) -> np.ndarray:
-    """The uint8 mask of a backend's output.
+def finish(probs: Probabilities, opts: PostOptions, zooms, labels_at: float) -> np.ndarray:
+    """The uint8 mask of a backend's output on the RAS grid with voxel sizes ``zooms``.
 
     A model with its own label map (nnU-Net's argmax) keeps it at its own threshold
     ``labels_at``; otherwise, and at any other threshold, ``probability >= threshold``.
-    Cleaning keeps label values; filled holes take label 1.
+    ``method="z"`` then follows the cord along z (:mod:`.zfollow`), which decides the
+    objects kept and fills holes itself, before the remaining steps. Cleaning keeps label
+    values; voxels added (holes, weaker slices) take label 1.
     """
+    voxel_mm3 = float(np.prod(zooms[:3]))
     if probs.labels is not None and opts.threshold == labels_at:
         labels = probs.labels
     else:
         labels = (probs.probability >= opts.threshold).astype(np.uint8)
     fg = labels > 0
-    kept = clean(fg, opts, voxel_mm3)
+    if opts.method == "z":
+        from .zfollow import zfollow, zfollow_options
+
+        followed = zfollow(probs.probability, zooms, zfollow_options(opts.threshold, opts.fill_holes)).mask
+        kept = clean(followed, replace(opts, largest=False, fill_holes=False), voxel_mm3)
+    else:
+        kept = clean(fg, opts, voxel_mm3)
     if kept is not fg:
         labels = np.where(kept, np.where(fg, labels, 1), 0)
     return labels.astype(np.uint8, copy=False)

@@ -13,7 +13,15 @@ from functools import lru_cache
 
 import numpy as np
 
+from .errors import InputError
 from .registry.manifest import ModelSpec, Normalisation
+
+# Bounds on the in-plane model grid, checked before anything is resampled. A model-grid axis
+# of 4096 samples is 4 m at 1 mm: no spine image is that wide, so more means a wrong pixel size
+# in the header (300 mm instead of 3 mm, say). The voxel bound keeps one float32 copy of the
+# resampled volume at 1 GiB; preprocessing and inference hold a few such copies.
+MAX_GRID_AXIS = 4096
+MAX_GRID_VOXELS = 1 << 28
 
 
 @lru_cache(maxsize=64)
@@ -47,6 +55,25 @@ def model_grid_shape(shape_xy: tuple[int, int], zooms_xy: tuple[float, float],
                      spacing_xy: tuple[float, float]) -> tuple[int, int]:
     """In-plane shape on the model grid: same field of view, spacing as close to the model's as fits."""
     return tuple(max(1, int(round(n * z / s))) for n, z, s in zip(shape_xy, zooms_xy, spacing_xy))  # type: ignore[return-value]
+
+
+def check_grid(grid: tuple[int, ...], source: str, what: str) -> None:
+    """Refuse a resampling target beyond MAX_GRID_AXIS per axis or MAX_GRID_VOXELS in all."""
+    if max(grid) > MAX_GRID_AXIS or int(np.prod(grid, dtype=object)) > MAX_GRID_VOXELS:
+        raise InputError(f"{source}: {what} needs {'x'.join(map(str, grid))} samples, beyond the limit of "
+                         f"{MAX_GRID_AXIS} per axis and {MAX_GRID_VOXELS} in all (1 GiB per copy); "
+                         "check the pixel size in the header")
+
+
+def check_model_grid(shape: tuple[int, ...], zooms: tuple[float, ...], spacing_xy: tuple[float, float],
+                     source: str = "<image>") -> tuple[int, int]:
+    """The in-plane model grid of a (X, Y, Z) RAS volume, refused if implausibly large."""
+    grid = model_grid_shape((int(shape[0]), int(shape[1])), (float(zooms[0]), float(zooms[1])), spacing_xy)
+    fov = " x ".join(f"{n * z:g}" for n, z in zip(shape[:2], zooms[:2]))
+    check_grid(grid + (int(shape[2]) if len(shape) > 2 else 1,), source,
+               f"resampling {shape[0]}x{shape[1]} voxels of {zooms[0]:g} x {zooms[1]:g} mm (a {fov} mm field of view) "
+               f"to the model's {spacing_xy[0]:g} mm grid")
+    return grid
 
 
 def resample_inplane(arr: np.ndarray, shape_xy: tuple[int, int]) -> np.ndarray:
@@ -140,7 +167,7 @@ def model_volume(vol_ras: np.ndarray, zooms: tuple[float, float, float], spec: M
     """Resample in-plane to the model spacing and normalise over the whole image."""
     native_xy = (int(vol_ras.shape[0]), int(vol_ras.shape[1]))
     if model_xy is None:
-        model_xy = model_grid_shape(native_xy, zooms[:2], spec.spacing_mm)
+        model_xy = check_model_grid(vol_ras.shape, zooms, spec.spacing_mm)
     vol = normalise(resample_inplane(vol_ras, model_xy), spec.normalisation)
     return ModelVolume(vol, native_xy, tuple(model_xy), float(vol.min()))  # type: ignore[arg-type]
 

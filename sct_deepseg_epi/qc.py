@@ -180,13 +180,17 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
     with_cord = [int(m.reshape(-1, m.shape[2]).any(axis=0).sum()) for m in per_volume]
     n_slices = per_volume[0].shape[2]
     sidecar = sidecar_path(mask) if isinstance(mask, (str, Path)) else None
-    model = None
+    model, side = None, {}
     if sidecar is not None and sidecar.is_file():
         try:
-            m = json.loads(sidecar.read_text())["model"]
-            model = f"{m['name']}@{m['version']}"
+            side = json.loads(sidecar.read_text())
+            model = f"{side['model']['name']}@{side['model']['version']}"
         except (ValueError, KeyError, TypeError):
             model = None
+    flags = _flags_by_z(side, vol, n_slices)
+    for v in volumes:
+        for sl in v["slices"]:
+            sl["flag"] = flags.get(sl["z"])
     resolved = image.resolve()
     return {
         "key": f"{subject or resolved.parent.parent.name}/{image.name}",
@@ -203,8 +207,25 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
         "volumes_shown": shown,
         "slices_with_cord": with_cord,
         "cord_volume_mm3": round(float(np.mean([m.sum() for m in per_volume]) * np.prod(vol.zooms)), 1),
+        "flagged": sorted(flags),
         "volumes": volumes,
     }
+
+
+def _flags_by_z(side: dict, vol, n_slices: int) -> dict[int, dict]:
+    """The sidecar's flagged slices keyed by RAS z (the page's order): {z: {"slice", "reasons"}}."""
+    from .confidence import slice_axis
+
+    rows = side.get("slices") if isinstance(side, dict) else None
+    if not isinstance(rows, list) or len(rows) != n_slices:
+        return {}
+    reverse = slice_axis(vol.to_ras)[1]
+    out = {}
+    for r in rows:
+        if isinstance(r, dict) and r.get("flag"):
+            k = int(r["slice"])
+            out[n_slices - 1 - k if reverse else k] = {"slice": k, "reasons": list(r.get("reasons", []))}
+    return out
 
 
 # --- the standalone page ------------------------------------------------------------------------
@@ -217,6 +238,7 @@ table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #444;paddi
 th{background:#222} td.l,th.l{text-align:left} .warn{color:#fb4} .ok{color:#7d7}
 .mosaic{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;text-align:center;font-size:12px}
 figure img{display:block;image-rendering:pixelated;border:2px solid #3a3} figure.nocord img{border-color:#a33}
+figure.flag img{border:3px dashed #fb4} figure.flag figcaption{color:#fb4}
 .legend{font-size:12px;color:#aaa;margin:4px 0} .sw{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px}
 svg text{fill:#aaa;font-size:10px}
 """
@@ -241,6 +263,9 @@ def _entry_html(e: dict, anchor: str) -> str:
               f'<span class="warn">slices without cord in {len(gaps)} of {e["n_volumes"]} volume(s)</span>')
     if max(e["slices_with_cord"]) == 0:
         status = '<span class="warn">no cord found</span>'
+    if e.get("flagged"):
+        status += (f' &middot; <span class="warn">{len(e["flagged"])} slice(s) to check first: z='
+                   + ", ".join(map(str, e["flagged"])) + "</span>")
     out = [f'<h2 id="{anchor}">{esc(e["subject"])} &middot; {esc(Path(e["input"]).name)}</h2>',
            f'<div class="meta">mask {esc(e["mask"])}' + (f' &middot; model {esc(e["model"])}' if e["model"] else "")
            + f' &middot; {esc(e["date"])}<br>voxel {" x ".join(map(str, e["voxel_mm"]))} mm &middot; '
@@ -255,10 +280,15 @@ def _entry_html(e: dict, anchor: str) -> str:
         out.append('<div class="legend">each slice: the image with the mask outline (red); under it, the ensemble '
                    'disagreement from <span class="sw" style="background:#fd2"></span>low to <span class="sw" '
                    'style="background:#f31"></span>high, with the outline in blue. Anterior up, patient\'s right on '
-                   'the left; a red frame marks a slice without cord.</div><div class="mosaic">')
+                   'the left; a red frame marks a slice without cord, a dashed orange frame a slice to check '
+                   '(reasons under it; the mask\'s sidecar lists them per slice).</div><div class="mosaic">')
         for s in v["slices"]:
-            cls = "" if s["cord"] else ' class="nocord"'
+            flag = s.get("flag")
+            cls = ' class="flag"' if flag else "" if s["cord"] else ' class="nocord"'
             cap = f'z={s["z"]} &middot; {s["area_mm2"]:g} mm&sup2;' if s["cord"] else f'z={s["z"]} &middot; no cord'
+            if flag:
+                cap += "<br>check: " + esc(", ".join(flag["reasons"]).replace("_", " ")) + (
+                    f' (file slice {flag["slice"]})' if flag["slice"] != s["z"] else "")
             out.append(f'<figure{cls}><img alt="slice {s["z"]}" src="data:image/png;base64,{s["png"]}">'
                        f"<figcaption>{cap}</figcaption></figure>")
         out.append("</div>")
@@ -278,14 +308,17 @@ def render_page(dataset: str, entries: list[dict]) -> str:
     for i, e in enumerate(entries):
         n_cord = min(e["slices_with_cord"])
         cls = "ok" if n_cord == e["n_slices"] else "warn"
+        n_flag = len(e.get("flagged", []))
         rows.append(f'<tr><td class="l"><a href="#e{i}">{esc(e["subject"])}</a></td><td class="l">{esc(Path(e["input"]).name)}</td>'
-                    f'<td class="{cls}">{n_cord}/{e["n_slices"]}</td><td>{e["cord_volume_mm3"]}</td><td class="l">{esc(e["date"])}</td></tr>')
+                    f'<td class="{cls}">{n_cord}/{e["n_slices"]}</td><td class="{"warn" if n_flag else "ok"}">{n_flag}</td>'
+                    f'<td>{e["cord_volume_mm3"]}</td><td class="l">{esc(e["date"])}</td></tr>')
     body = "\n".join(_entry_html(e, f"e{i}") for i, e in enumerate(entries))
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>QC {esc(dataset)} - sct_deepseg_epi</title><style>{_CSS}</style></head><body>\n"
             f"<h1>Spinal cord segmentation QC: {esc(dataset)}</h1>"
             f'<div class="meta">sct_deepseg_epi {esc(__version__)} &middot; {len(entries)} image(s)</div>\n'
             '<table><tr><th class="l">subject</th><th class="l">image</th><th>slices with cord (min over volumes)</th>'
+            '<th>slices to check</th>'
             f'<th>cord volume (mm&sup3;)</th><th class="l">date</th></tr>{"".join(rows)}</table>\n{body}\n</body></html>\n')
 
 

@@ -7,6 +7,7 @@ at the end lands on the input's own grid without any interpolation.
 from __future__ import annotations
 
 import logging
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,23 @@ log = logging.getLogger(__name__)
 _RAS = axcodes2ornt("RAS")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Reading errors that mean "this file is damaged", as opposed to programming errors.
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+# DEFLATE cannot compress better than about 1032:1, so a .nii.gz of N bytes holds at most this many
+# times N bytes of header and voxels: a header promising more is lying, whatever the data.
+GZIP_MAX_RATIO = 1032
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (nibabel's often span two), or its type name."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _size_text(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
 
 
 def has_nifti_suffix(path: Path | str) -> bool:
@@ -90,17 +107,30 @@ class Volume:
 def _read(img: nib.Nifti1Image, source: str, take) -> np.ndarray:
     try:
         return np.asarray(take(img.dataobj))
-    except _READ_ERRORS as exc:
-        raise InputError(f"{source}: the image data cannot be read; the file is truncated or damaged ({exc})") from None
+    except READ_ERRORS as exc:
+        raise InputError(f"{source}: the image data cannot be read; the file is truncated or damaged ({one_line(exc)})") from None
+
+
+def check_regular_file(path: Path | str) -> None:
+    """Refuse what is not a regular file before opening it: opening a FIFO would wait for a writer."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{p}: is a folder, not a NIfTI file")
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise InputError(f"{p}: is {kind}, not a regular file")
 
 
 def load_nifti(path: Path | str) -> nib.Nifti1Image:
     """Open a NIfTI file lazily, with one-line errors for the usual ways this goes wrong."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a folder, not a NIfTI file")
+    check_regular_file(p)
     if not has_nifti_suffix(p):
         raise InputError(f"{p}: not a NIfTI file (expected a .nii or .nii.gz name)")
     if p.stat().st_size == 0:
@@ -108,16 +138,44 @@ def load_nifti(path: Path | str) -> nib.Nifti1Image:
     try:
         # keep_file_open: a 4D .nii.gz is then read front to back once, not re-decompressed per volume
         img = nib.load(str(p), keep_file_open=True)
-    except _READ_ERRORS as exc:
-        raise InputError(f"{p}: not a readable NIfTI image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    except READ_ERRORS as exc:
+        raise InputError(f"{p}: not a readable NIfTI image ({one_line(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{p}: not a NIfTI image ({type(img).__name__})")
+    check_data_size(img, p)
     return img
+
+
+def check_data_size(img: nib.Nifti1Image, path: Path) -> None:
+    """Refuse a header that promises more data than the file can hold, before anything is allocated.
+
+    A damaged or hostile header (30000^3 voxels in a 1 kB file, a data offset of 1e9) would
+    otherwise surface as a MemoryError or a read error deep inside the pipeline.
+    """
+    hdr = img.header
+    shape = tuple(int(n) for n in hdr.get_data_shape())
+    n_bytes = int(np.prod(shape, dtype=object)) * np.dtype(hdr.get_data_dtype()).itemsize
+    # a loaded header's vox_offset reads 0; the data proxy keeps the real one
+    offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))
+    need = offset + n_bytes
+    size = path.stat().st_size
+    what = f"{'x'.join(map(str, shape))} voxels of {hdr.get_data_dtype()} after a {offset}-byte offset"
+    if str(path).endswith(".gz"):
+        if need > size * GZIP_MAX_RATIO:
+            raise InputError(f"{path}: the header declares {what} ({_size_text(need)}), more than a "
+                             f"gzip file of {_size_text(size)} can hold; the header is wrong or the file is truncated")
+    elif need > size:
+        raise InputError(f"{path}: the file is truncated: the header declares {what} ({_size_text(need)}) "
+                         f"but the file holds {_size_text(size)}")
 
 
 def from_image(img: nib.Nifti1Image, source: str = "<image>") -> Volume:
     """Validate an in-memory NIfTI image and build its Volume (the temporal mean if 4D)."""
     shape = img.shape
+    if len(shape) == 4 and shape[3] == 0:
+        raise InputError(f"{source}: a 4D series of shape {tuple(shape)} holds no volume")
+    if 0 in shape:
+        raise InputError(f"{source}: an image of shape {tuple(shape)} holds no voxel")
     # trailing singleton axes (x, y, z, 1) carry no information; anything else beyond 4D is refused
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]

@@ -2,24 +2,25 @@
 
 Every file is written to a temporary name in the destination folder and renamed into
 place, so a crash or an error never leaves a half-written output and an existing file is
-only replaced by a complete one. Output headers are the input's own, with the data type
-changed: the affine, the qform and sform matrices and their codes are kept exactly.
+only replaced by a complete one; the files of one run are renamed together
+(:class:`~sct_deepseg_epi.outputs.OutputSet`). Output headers are the input's own, with
+the data type changed: the affine, the qform and sform matrices and their codes are kept
+exactly.
 """
 from __future__ import annotations
 
 import gzip
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError
-from .read import has_nifti_suffix, strip_nifti_suffix
+from .outputs import locked_temp, umask_mode, write_error
+from .read import strip_nifti_suffix
 
 
 def default_output(input_path: Path | str, suffix: str = "_seg") -> Path:
@@ -40,54 +41,20 @@ def derived_path(nifti_path: Path | str, suffix: str) -> Path:
     return Path(strip_nifti_suffix(p) + suffix + ext)
 
 
-def check_output(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
-    """Refuse outputs that would overwrite an input or cannot be written, before any work is done."""
-    out = Path(path)
-    if not has_nifti_suffix(out):
-        raise InputError(f"{out}: output must be a .nii or .nii.gz file name")
-    for i in inputs:
-        same = os.path.abspath(i) == os.path.abspath(out)
-        if same or (Path(i).exists() and out.exists() and os.path.samefile(i, out)):
-            raise InputError(f"{out}: the output path is the input image; choose another -o")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{out}: the output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{out}: the output folder {folder} is not writable")
-    if out.is_dir():
-        raise InputError(f"{out}: is a folder")
-    return out
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process umask: what open() would have given a new file or folder.
-
-    mkstemp/mkdtemp create private (0600/0700) entries; outputs and installed models are
-    given ordinary permissions before they are renamed into place.
-    """
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it into place only on success."""
     final = Path(final)
-    name = final.name
-    ext = ".nii.gz" if name.endswith(".nii.gz") else "".join(final.suffixes[-1:])
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".part{ext}", dir=final.parent or ".")
-    os.close(fd)
+    tmp, fd = locked_temp(final)
     try:
-        yield Path(tmp)
+        yield tmp
         os.chmod(tmp, umask_mode())
         os.replace(tmp, final)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def output_header(ref: nib.Nifti1Image, shape: tuple[int, ...], dtype: np.dtype) -> nib.Nifti1Header:
@@ -113,10 +80,17 @@ def like(arr: np.ndarray, ref: nib.Nifti1Image) -> nib.Nifti1Image:
     return img
 
 
-def save_nifti(img: nib.Nifti1Image, path: Path | str) -> Path:
+def save_nifti(img: nib.Nifti1Image, path: Path | str, tmp: Path | None = None) -> Path:
+    """Write ``img`` to ``path`` atomically, or to ``tmp`` (an :class:`OutputSet` temporary) as is."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    try:
+        if tmp is not None:
+            nib.save(img, str(tmp))
+        else:
+            with atomic_path(path) as t:
+                nib.save(img, str(t))
+    except OSError as exc:
+        raise write_error(path, exc) from None
     return path
 
 
@@ -124,12 +98,15 @@ class FrameWriter:
     """Stream 3D frames into a 4D NIfTI one at a time, so a long series never sits in memory.
 
     NIfTI stores data in Fortran order with time slowest, so each frame is one contiguous
-    block after the header. The file appears at ``path`` only when every frame is written
-    and :meth:`commit` is called; :meth:`abort` (or an exception in a ``with`` block)
-    removes the partial file.
+    block after the header. The frames go to a locked temporary: ``tmp`` from an
+    :class:`OutputSet` (which renames it with the run's other files), else one of its own
+    that :meth:`commit` renames to ``path``. :meth:`abort` (or an exception in a ``with``
+    block) removes it, even when closing the file fails on a full disk. Write errors are
+    one line naming ``path``.
     """
 
-    def __init__(self, path: Path | str, ref: nib.Nifti1Image, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, path: Path | str, ref: nib.Nifti1Image, shape: tuple[int, ...], dtype: np.dtype,
+                 tmp: Path | None = None):
         self.path = Path(path)
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
@@ -137,32 +114,77 @@ class FrameWriter:
         self.offset = max(int(hdr.get_data_offset()), 352)
         hdr.set_data_offset(self.offset)
         self._disk_dtype = self.dtype.newbyteorder(hdr.endianness)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent or ".")
-        os.close(fd)
+        self._own_fd = None
+        if tmp is None:
+            tmp, self._own_fd = locked_temp(self.path)
         self._tmp = Path(tmp)
-        self._f = gzip.open(tmp, "wb", compresslevel=1) if str(path).endswith(".gz") else open(tmp, "wb")
-        hdr.write_to(self._f)
-        self._f.write(b"\0" * (self.offset - self._f.tell()))
         self.count = 0
+        self._raw = self._f = None
+        try:
+            self._raw = open(self._tmp, "wb")
+            self._f = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=1) if str(path).endswith(".gz") \
+                else self._raw
+            hdr.write_to(self._f)
+            self._f.write(b"\0" * (self.offset - self._f.tell()))
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
 
     def write(self, frame: np.ndarray) -> None:
         if frame.shape != self.shape[:3]:
             raise ValueError(f"frame of shape {frame.shape} does not fit {self.shape}")
-        self._f.write(np.asarray(frame, dtype=self._disk_dtype).tobytes(order="F"))
+        try:
+            self._f.write(np.asarray(frame, dtype=self._disk_dtype).tobytes(order="F"))
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
         self.count += 1
 
-    def commit(self) -> Path:
-        self._f.close()
+    def finish(self) -> Path:
+        """Close the temporary once every frame is in it (the data reaches the disk here)."""
+        try:
+            self._close()
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
         if self.count != self.shape[3]:
             self.abort()
             raise ValueError(f"{self.path}: expected {self.shape[3]} frames, got {self.count}")
-        os.chmod(self._tmp, umask_mode())
-        os.replace(self._tmp, self.path)
+        return self._tmp
+
+    def commit(self) -> Path:
+        self.finish()
+        if self._own_fd is None:
+            return self._tmp  # the OutputSet renames it
+        try:
+            os.chmod(self._tmp, umask_mode())
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
+        self._release()
         return self.path
 
+    def _close(self) -> None:
+        f, raw, self._f, self._raw = self._f, self._raw, None, None
+        try:
+            if f is not None and f is not raw:
+                f.close()  # gzip flushes here: a full disk fails here
+        finally:
+            if raw is not None:
+                raw.close()
+
     def abort(self) -> None:
-        self._f.close()
+        try:
+            self._close()
+        except OSError:
+            pass  # the file goes anyway
         self._tmp.unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._own_fd is not None:
+            os.close(self._own_fd)
+            self._own_fd = None
 
     def __enter__(self) -> "FrameWriter":
         return self
@@ -172,8 +194,16 @@ class FrameWriter:
             self.abort()
 
 
-def save_json(data: dict[str, Any], path: Path | str) -> Path:
+def save_json(data: dict[str, Any], path: Path | str, tmp: Path | None = None) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically, or to ``tmp`` (an :class:`OutputSet` temporary)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    try:
+        if tmp is not None:
+            tmp.write_text(text, encoding="utf-8")
+        else:
+            with atomic_path(path) as t:
+                t.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise write_error(path, exc) from None
     return path

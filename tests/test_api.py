@@ -100,7 +100,8 @@ def test_options_resolve_over_the_manifest_and_reach_the_sidecar(tiny_model, blo
     post = opts.post(api.load_model("tiny"))
     assert (post.threshold, post.largest, post.fill_holes, post.remove_small) == (0.5, False, True, "3mm3")
     side = api.run(path, tmp_path / "o_seg.nii.gz", model="tiny", options=opts).provenance
-    assert side["postprocess"] == {"largest": False, "fill_holes": True, "remove_small": "3mm3", "dilate": 0}
+    assert side["postprocess"] == {"method": "z", "largest": False, "fill_holes": True, "remove_small": "3mm3",
+                                   "dilate": 0}
     assert side["model"]["backend"] == "slices"
 
 
@@ -160,3 +161,49 @@ def test_localise_finds_roi(tiny_model):
     roi = backend.localise(prepare(vol.data, vol.zooms, backend.spec))
     assert roi is not None and roi[0].start <= 85 <= 95 <= roi[0].stop and roi[1].start <= 25 <= 35 <= roi[1].stop
     assert (roi[0].stop - roi[0].start) < 120
+
+
+def _curved_cord(tmp_path, axcodes="LPI"):
+    """Bright discs whose thick slices do not touch in 3D (8 mm steps, radius 3 mm), one slice blanked."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    shape, zooms = (48, 40, 6), (1.0, 1.0, 9.5)
+    xx, yy = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    data = (100 + 5 * np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
+    for k in range(shape[2]):
+        if k != 2:  # RAS slice 2: no cord visible
+            data[:, :, k][(xx - (4 + 8 * k)) ** 2 + (yy - 20) ** 2 <= 9] = 1000
+    t = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(axcodes))
+    img = nib.Nifti1Image(apply_orientation(data, t), np.diag(list(zooms) + [1.0]) @ inv_ornt_aff(t, shape))
+    p = tmp_path / f"curved_{axcodes}.nii.gz"
+    nib.save(img, str(p))
+    return p
+
+
+def test_default_follows_the_cord_along_z_and_3d_is_the_old_behaviour(tiny_model, tmp_path):
+    p = _curved_cord(tmp_path, "RAS")
+    z = np.asarray(segment(p, model="tiny").mask.dataobj)
+    old = np.asarray(segment(p, model="tiny", method="3d").mask.dataobj)
+    assert [int(k) for k in np.flatnonzero(z.any(axis=(0, 1)))] == [0, 1, 3, 4, 5]
+    assert int(old.any(axis=(0, 1)).sum()) == 1  # the largest 3D object is one slice
+
+
+def test_sidecar_lists_per_slice_confidence_in_the_files_slice_order(tiny_model, tmp_path):
+    p = _curved_cord(tmp_path, "LPI")  # stored inferior-first: RAS slice 2 is the file's slice 3
+    res = api.run(p, model="tiny")
+    side = json.loads(res.sidecar.read_text())
+    assert [s["slice"] for s in side["slices"]] == list(range(6))
+    assert side["slices"][3]["area_mm2"] == 0 and side["slices"][3]["reasons"] == ["gap"]
+    assert side["slice_flags"]["flagged"] == [3] and side["slice_flags"]["axis"] == 2
+    assert side["slice_flags"]["version"] == "confidence-1" and side["slice_flags"]["volumes"] == 1
+    assert side["slices"][0]["mean_probability"] > 0.9 and side["slices"][0]["area_mm2"] > 20
+    assert segment(p, model="tiny").provenance()["slice_flags"]["flagged"] == [3]
+
+
+def test_4d_each_sidecar_summarises_the_volumes(tiny_model, tmp_path):
+    img, _ = blob_image(n_volumes=3, axcodes="LAS")
+    p = tmp_path / "bold.nii.gz"
+    nib.save(img, str(p))
+    side = json.loads(api.run(p, model="tiny", options=api.Options(mode_4d="each")).sidecar.read_text())
+    assert side["slice_flags"]["volumes"] == 3 and len(side["slices"]) == img.shape[2]
+    assert all(s["frames_flagged"] == 0 and not s["flag"] for s in side["slices"])

@@ -81,6 +81,7 @@ def test_batch_writes_bids_derivatives(tiny_model, tmp_path):
     row = rows["sub-01/func/sub-01_task-rest_bold.nii.gz"]
     assert (row["status"], float(row["cord_volume_mm3"]), row["slices_with_cord"], row["n_slices"]) == (
         "done", DISC_MM3, "6", "6")
+    assert row["flagged_slices"] == "0" and side["Batch"]["flagged_slices"] == 0
     assert rows["sub-03/func/sub-03_task-rest_bold.nii.gz"]["status"] == "failed"
     assert rows["sub-03/func/sub-03_task-rest_bold.nii.gz"]["cord_volume_mm3"] == "n/a"
 
@@ -292,19 +293,21 @@ def test_missing_dask_is_explained(tiny_model, tmp_path, monkeypatch):
     assert not (ds / "derivatives").exists()  # refused before anything was written
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO to hang a worker")
 def test_a_worker_that_dies_is_replaced_and_its_run_recorded(tiny_model, tmp_path):
     """Kill the worker stuck on one run, twice: that run fails, the others are done, the batch ends."""
     import multiprocessing
     import signal
 
-    ds = make_dataset(tmp_path / "ds", runs=("sub-02/func/sub-02_task-rest_bold.nii.gz",))
-    fifo = ds / "sub-01/func/sub-01_task-rest_bold.nii.gz"
-    fifo.parent.mkdir(parents=True)
-    os.mkfifo(fifo)  # reading it blocks forever: a stand-in for a worker that hangs or is killed
+    from filelock import FileLock
+
+    ds = make_dataset(tmp_path / "ds", runs=("sub-01/func/sub-01_task-rest_bold.nii.gz",
+                                             "sub-02/func/sub-02_task-rest_bold.nii.gz"))
     out = bids.outputs_for(bids.find_runs(ds).runs[0], bids.default_derivatives(ds))
     out.folder.mkdir(parents=True)
-    out.sidecar.write_text("{}")  # an earlier result: the worker hashes the input to compare, and blocks
+    # another process holds the run's lock: once the free run is done, a worker waits for it (a stand-in
+    # for a worker that hangs or is killed)
+    lock = FileLock(str(out.lock))
+    lock.acquire()
     seen: list = []
     result: list = []
     t = threading.Thread(target=lambda: result.append(batch.run_batch(
@@ -316,7 +319,7 @@ def test_a_worker_that_dies_is_replaced_and_its_run_recorded(tiny_model, tmp_pat
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 kids = [k for k in multiprocessing.active_children() if k.pid not in killed]
-                if kids and seen:  # a (new) worker holds the FIFO run, and the good run has finished
+                if kids and seen:  # a (new) worker waits for the held run, and the free run has finished
                     break
                 time.sleep(0.05)
             time.sleep(0.3)
@@ -326,9 +329,7 @@ def test_a_worker_that_dies_is_replaced_and_its_run_recorded(tiny_model, tmp_pat
         t.join(30)
         assert not t.is_alive()
     finally:
-        if t.is_alive():  # unblock the reader so the pool can shut down
-            with open(fifo, "wb"):
-                pass
+        lock.release()
     res = result[0]
     assert [r.status for r in res.records] == ["failed", "done"]
     assert "worker process died twice" in res.records[0].error
@@ -357,3 +358,18 @@ def test_importing_the_batch_module_stays_light():
             "print(sorted(m for m in ('numpy', 'onnxruntime', 'nibabel', 'distributed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_summary_counts_flagged_slices_and_keeps_them_when_resuming(tiny_model, tmp_path):
+    ds = make_dataset(tmp_path / "ds", runs=("sub-01/func/sub-01_task-rest_bold.nii.gz",), n_volumes=None)
+    p = ds / "sub-01/func/sub-01_task-rest_bold.nii.gz"
+    img = nib.load(str(p))
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, 3] = 100.0                            # no cord visible on one slice between others
+    nib.save(nib.Nifti1Image(data, img.affine), str(p))
+    deriv = tmp_path / "out"
+    first = batch.run_batch(ds, deriv, model="tiny")
+    assert first.records[0].flagged_slices == 1
+    assert summary_rows(deriv)["sub-01/func/sub-01_task-rest_bold.nii.gz"]["flagged_slices"] == "1"
+    again = batch.run_batch(ds, deriv, model="tiny")
+    assert again.records[0].status == "skipped" and again.records[0].flagged_slices == 1

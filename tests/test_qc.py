@@ -162,3 +162,30 @@ def test_sct_report_lands_in_sct_index(segmented, tmp_path):
     e = json.loads(entries[0].read_text())
     assert e["command"] == "sct_deepseg" and e["inputFile"] == "bold.nii.gz" and e["subject"] == "sub-01"
     assert Path(tmp_path / "qc" / e["backgroundImage"]).is_file() and Path(tmp_path / "qc" / e["overlayImage"]).is_file()
+
+
+def test_flagged_slices_from_the_sidecar_are_marked_in_the_pages_order(segmented, tmp_path):
+    import json
+
+    bold, seg, dis, _ = segmented
+    rows = [{"slice": k, "flag": k == 1, "reasons": ["area_jump", "weak_evidence"] if k == 1 else []} for k in range(5)]
+    (seg.parent / "bold_seg.json").write_text(json.dumps({"model": {"name": "m", "version": "1.0.0"}, "slices": rows}))
+    entry = qc.build_entry(bold, seg, dis)
+    assert entry["flagged"] == [3]  # stored slice 1 of an LPI file is RAS z=3
+    page = qc.html_report(bold, seg, tmp_path / "qc", dis).read_text()
+    assert page.count('<figure class="flag">') == 1
+    assert "check: area jump, weak evidence (file slice 1)" in page and "1 slice(s) to check first: z=3" in page
+    (seg.parent / "bold_seg.json").write_text(json.dumps({"model": {"name": "m", "version": "1.0.0"}}))
+    assert qc.build_entry(bold, seg, dis)["flagged"] == []  # a sidecar from before: nothing marked
+
+
+def test_cli_qc_marks_a_slice_without_cord_between_cord_slices(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(qc, "sct_available", lambda: False)
+    img, _ = blob_image(shape=(30, 28, 5), zooms=(1.0, 1.0, 4.0), radius=3.0)
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, 2] = 100.0
+    p = tmp_path / "gap.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(p))
+    assert main(["-i", str(p), "-model", "tiny", "-qc", str(tmp_path / "qc"), "-qc-dataset", "d", "-v", "0"]) == 0
+    text = (tmp_path / "qc" / "d.html").read_text()
+    assert text.count('<figure class="flag">') == 1 and "check: gap" in text

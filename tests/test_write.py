@@ -9,7 +9,8 @@ import pytest
 from conftest import blob_image
 
 from sct_deepseg_epi.errors import InputError
-from sct_deepseg_epi.write import FrameWriter, atomic_path, check_output, default_output, like, save_nifti
+from sct_deepseg_epi.outputs import check_output
+from sct_deepseg_epi.write import FrameWriter, atomic_path, default_output, like, save_nifti
 
 
 def test_default_output_naming(tmp_path):

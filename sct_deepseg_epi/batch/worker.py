@@ -34,6 +34,7 @@ COLUMNS = {
     "cord_volume_mm3": "Spinal cord volume in the mask, mm3 (mean over volumes for a 4D mask)",
     "slices_with_cord": "Number of axial slices holding cord",
     "n_slices": "Number of axial slices in the image",
+    "flagged_slices": "Number of axial slices flagged for checking (reasons per slice: the mask's sidecar, 'slices')",
     "seconds": "Wall time spent on the run by this batch, s",
     "note": "Warnings (e.g. empty mask) or why an existing output was reused or redone",
 }
@@ -49,6 +50,7 @@ class Record:
     cord_volume_mm3: float | None = None
     slices_with_cord: int | None = None
     n_slices: int | None = None
+    flagged_slices: int | None = None
     seconds: float = 0.0
     note: str = ""
 
@@ -181,6 +183,7 @@ def _process(job: Job, rec: Record) -> None:
 
 def _segment_locked(job: Job, rec: Record) -> None:
     from .. import api
+    from ..read import check_regular_file
     from ..registry.store import sha256_file as file_sha256
     from ..write import save_json, sidecar_path
 
@@ -192,6 +195,7 @@ def _segment_locked(job: Job, rec: Record) -> None:
         raise InputError(f"{job.run.path}: a broken symbolic link (a DataLad/git-annex file whose content "
                          "is not fetched? run: datalad get)")
     extras = list(out.extras(job.soft, job.disagreement))
+    check_regular_file(job.run.path)  # before hashing: reading a FIFO would wait forever
     if not job.overwrite and out.sidecar.is_file():  # hash the input only when there is a result to compare
         try:
             input_sha = file_sha256(job.run.path)
@@ -201,8 +205,9 @@ def _segment_locked(job: Job, rec: Record) -> None:
         if ok:
             side = json.loads(out.sidecar.read_text(encoding="utf-8"))["Batch"]
             rec.status, rec.note = "skipped", "outputs up to date"
-            rec.cord_volume_mm3, rec.slices_with_cord, rec.n_slices = (
-                side.get("cord_volume_mm3"), side.get("slices_with_cord"), side.get("n_slices"))
+            rec.cord_volume_mm3, rec.slices_with_cord, rec.n_slices, rec.flagged_slices = (
+                side.get("cord_volume_mm3"), side.get("slices_with_cord"), side.get("n_slices"),
+                side.get("flagged_slices"))
             return
         rec.note = f"redone: {why}"
     threads = job.threads or _WORKER_THREADS or dask_threads()
@@ -213,6 +218,7 @@ def _segment_locked(job: Job, rec: Record) -> None:
                       disagreement=job.disagreement, options=options)
         input_sha = res.provenance["input"]["sha256"]
         volume, with_cord, n_slices, n_frames = mask_stats(res.mask)
+        flagged = len(res.provenance["slice_flags"]["flagged"])
         # retire the old sidecar first: until the new one exists, nothing vouches for these files
         out.sidecar.unlink(missing_ok=True)
         for name in ("soft", "disagreement"):
@@ -233,13 +239,14 @@ def _segment_locked(job: Job, rec: Record) -> None:
             "Sources": [bids.bids_uri(job.run)],
             **prov,
             "Batch": {"input_sha256": input_sha, **job.key, "cord_volume_mm3": volume,
-                      "slices_with_cord": with_cord, "n_slices": n_slices},
+                      "slices_with_cord": with_cord, "n_slices": n_slices, "flagged_slices": flagged},
         }
         save_json(side, out.sidecar)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rec.status = "done"
     rec.cord_volume_mm3, rec.slices_with_cord, rec.n_slices = volume, with_cord, n_slices
+    rec.flagged_slices = flagged
     warnings = [w.replace(str(job.run.path), job.run.rel) for w in res.provenance.get("warnings", [])]
     if warnings:
         rec.note = clean("; ".join(([rec.note] if rec.note else []) + warnings))

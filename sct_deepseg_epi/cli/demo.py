@@ -28,17 +28,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     import nibabel as nib
 
     from .. import api
+    from ..errors import InputError
     from ..metrics import dice
     from ..phantom import make_phantom
+    from ..outputs import OutputSet, check_outputs
     from ..write import save_nifti
 
     out = Path(args.o)
-    out.mkdir(parents=True, exist_ok=True)
-    ph = make_phantom(seed=args.seed)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; -o takes a folder for the phantom, its truth and the mask")
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     bold, truth = out / "phantom_bold.nii.gz", out / "phantom_truth.nii.gz"
-    save_nifti(ph.image, bold)
-    save_nifti(ph.truth, truth)
-    result = api.run(bold, model=args.model)
+    try:
+        # every file of the demo checked before the phantom is built; none kept if a step fails
+        phantom_files = OutputSet({"phantom": bold, "truth": truth})
+        check_outputs(api.run_targets(bold))
+        ph = make_phantom(seed=args.seed)
+        with phantom_files:
+            save_nifti(ph.image, bold, tmp=phantom_files.temp("phantom"))
+            save_nifti(ph.truth, truth, tmp=phantom_files.temp("truth"))
+        phantom_files.commit()
+        try:
+            result = api.run(bold, model=args.model)
+        except BaseException:
+            phantom_files.discard()
+            raise
+    except BaseException:
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
     pred = np.asarray(nib.load(str(result.mask)).dataobj)
     d = dice(pred, np.asarray(ph.truth.dataobj))
     print(f"phantom: {bold} {ph.image.shape}")

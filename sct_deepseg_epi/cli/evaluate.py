@@ -76,11 +76,18 @@ def _load(path: Path):
     import nibabel as nib
     import numpy as np
 
-    from ..read import load_nifti
+    from ..errors import InputError
+    from ..read import READ_ERRORS, load_nifti, one_line
 
-    img = nib.as_closest_canonical(load_nifti(path))
+    img = load_nifti(path)
+    try:
+        img = nib.as_closest_canonical(img)
+        data = np.asanyarray(img.dataobj)
+    except READ_ERRORS as exc:  # a truncated mask: one line, not nibabel's EOFError
+        raise InputError(f"{path}: the image data cannot be read; the file is truncated or damaged "
+                         f"({one_line(exc)})") from None
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return np.asanyarray(img.dataobj), zooms, img.shape
+    return data, zooms, img.shape
 
 
 def evaluate_pair(pred: Path, ref: Path) -> tuple[dict, list[dict]]:
@@ -117,9 +124,12 @@ def _fmt(v) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     setup_logging(args.v)
-    from ..errors import InputError
-
     pairs = match_pairs(Path(args.pred), Path(args.ref))
+    if args.o:  # before any metric is computed: not an input, a known format, a folder that takes it
+        from ..outputs import check_output
+
+        check_output(args.o, [f for pair in pairs for f in pair], role="metrics table",
+                     suffixes=(".tsv", ".txt", ".csv", ".json"))
     volumes, slices = [], []
     for pred, ref in pairs:
         v, s = evaluate_pair(pred, ref)
@@ -140,17 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         mean = {c: float(np.nanmean([r[c] for r in volumes])) for c in cols}
         out.write("mean\t" + "\t".join(_fmt(mean[c]) for c in cols) + "\n")
     if args.o:
+        from ..outputs import write_error
+        from ..write import atomic_path
+
         o = Path(args.o)
-        if o.suffix == ".json":
-            o.write_text(json.dumps({"volumes": volumes, "slices": slices}, indent=1, default=str) + "\n")
-        elif o.suffix in (".tsv", ".txt", ".csv"):
-            keys = ["pred", "ref", "slice"] + sorted({k for r in volumes + slices for k in r} - {"pred", "ref", "slice"})
-            with open(o, "w", newline="") as fh:
-                w = csv.DictWriter(fh, keys, delimiter="," if o.suffix == ".csv" else "\t", restval="")
-                w.writeheader()
-                for r in volumes + slices:
-                    w.writerow({k: _fmt(v) for k, v in r.items()})
-        else:
-            raise InputError(f"-o {o}: use a .tsv, .csv or .json name")
+        try:
+            with atomic_path(o) as tmp:
+                if o.suffix == ".json":
+                    tmp.write_text(json.dumps({"volumes": volumes, "slices": slices}, indent=1, default=str) + "\n")
+                else:
+                    keys = ["pred", "ref", "slice"] + sorted({k for r in volumes + slices for k in r}
+                                                            - {"pred", "ref", "slice"})
+                    with open(tmp, "w", newline="") as fh:
+                        w = csv.DictWriter(fh, keys, delimiter="," if o.suffix == ".csv" else "\t", restval="")
+                        w.writeheader()
+                        for r in volumes + slices:
+                            w.writerow({k: _fmt(v) for k, v in r.items()})
+        except OSError as exc:
+            raise write_error(o, exc) from None
         out.write(f"wrote {o}\n")
     return 0

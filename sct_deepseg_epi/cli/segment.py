@@ -83,15 +83,33 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     setup_logging(args.v)
     if args.list_models:
+        if args.i is not None:
+            parser.error("-list-models lists the models and exits; it cannot be combined with -i")
         return _list_models()
     from .. import api
 
+    options = options_from_args(args) if args.i is not None else None
+    disagreement = args.disagreement
+    backend = None
+    if args.i is not None:
+        from ..outputs import check_folder, check_outputs
+
+        if args.qc:
+            from .. import qc
+
+            backend = "sct" if qc.sct_available() else "html"
+            disagreement = disagreement or backend == "html"
+            check_folder(args.qc, [args.i], role="QC folder")
+        # every file the run will write, checked before a model is installed or an image read
+        check_outputs(api.run_targets(args.i, args.o, soft=args.soft, disagreement=disagreement, options=options),
+                      [args.i])
     model = args.model
     if args.custom_url:
         from ..registry import download
+        from ..registry.fetch import split_checksum
 
-        url, _, frag = args.custom_url.partition("#sha256=")
-        spec = download.install_url(url, sha256=frag.lower() or None)
+        url, sha = split_checksum(args.custom_url)
+        spec = download.install_url(url, sha256=sha)
         log.info("installed %s into %s", spec.ref, spec.directory)
         model = spec.directory
     elif args.install:
@@ -101,23 +119,25 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
         if args.custom_url or args.install:
             return 0
         parser.error("the following argument is required: -i")
-    options = options_from_args(args)
-    backend = None
-    if args.qc:
-        from .. import qc
 
-        backend = "sct" if qc.sct_available() else "html"
+    def qc_report(result) -> None:
+        from ..errors import InputError
+
+        try:
+            report = qc.report(args.i, result.mask, args.qc, disagreement=result.extra.get("disagreement"),
+                               dataset=args.qc_dataset, subject=args.qc_subject, backend=backend,
+                               command=[parser.prog] + list(sys.argv[1:] if argv is None else argv))
+        except OSError as exc:
+            raise InputError(f"{exc.filename or args.qc}: cannot write the QC report ({exc.strerror or exc}); "
+                             "no output was kept") from None
+        log.info("QC report: %s", report)
+
     bar = _VolumeBar(args.v)
     try:
-        result = api.run(args.i, args.o, model=model, soft=args.soft,
-                         disagreement=args.disagreement or backend == "html", options=options, progress=bar)
+        result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=disagreement, options=options,
+                         then=qc_report if backend else None, progress=bar)
     finally:
         bar.close()
     log.info("wrote %s (%d cord voxels, %.2f s)", result.mask, result.provenance["cord_voxels"],
              result.provenance["timings_s"]["total"])
-    if backend:
-        report = qc.report(args.i, result.mask, args.qc, disagreement=result.extra.get("disagreement"),
-                           dataset=args.qc_dataset, subject=args.qc_subject, backend=backend,
-                           command=[parser.prog] + list(sys.argv[1:] if argv is None else argv))
-        log.info("QC report: %s", report)
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 from ._parser import Parser, setup_logging
 
@@ -59,6 +60,33 @@ def get_parser() -> Parser:
     return p
 
 
+def _check_outputs(args) -> None:
+    """The model folder (its members, manifest and card), -checkpoint and -pack: none may be an input.
+
+    Checked before torch is imported or any data read, so it holds without the 'train' extra too.
+    """
+    from ..api import load_model
+    from ..outputs import check_folder, check_output, refuse_overwrite
+
+    init = None
+    if args.init_model:  # the model to fine-tune: its folder, its members and manifest are inputs
+        p = Path(args.init_model)
+        init = load_model(p if p.is_dir() else args.init_model, install=False).directory
+    inputs = [p for p in (args.data, init, args.val_image, args.val_mask, args.from_checkpoint, args.card_notes) if p]
+    if init is not None:
+        inputs += list(init.iterdir())
+    if args.pack:
+        check_output(args.pack, inputs, role="-pack file", suffixes=(".npz",))
+        return
+    out = Path(args.o)
+    written = {"model folder": out, "manifest": out / "manifest.json", "model card": out / "README.md",
+               **{f"member {i}": out / f"member{i}.onnx" for i in range(max(args.members, 1))}}
+    refuse_overwrite(written, inputs)
+    check_folder(out, inputs, role="model folder")
+    if args.checkpoint:
+        check_output(args.checkpoint, inputs, role="checkpoint", suffixes=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -67,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.v)
     from .._optional import require
 
+    _check_outputs(args)
     require("torch")
     require("onnx")
     if args.pack:

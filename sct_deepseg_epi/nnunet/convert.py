@@ -32,6 +32,7 @@ from ..errors import ModelError
 from ..registry import download
 from ..registry.manifest import load_manifest, write_manifest
 from ..registry.store import sha256_file
+from ..outputs import check_folder, refuse_nesting
 from .recipe import IMAGE_READERS, NORMALISATIONS
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,9 @@ def import_nnunet(source: str | Path, output: str | Path, *, configuration: str 
     unreadable checkpoints or a failed torch/ONNX Runtime parity check.
     """
     out = Path(output)
+    if "://" not in str(source):  # replacing -o must never remove the model it is made from
+        refuse_nesting(out, [source], role="output model folder")
+    check_folder(out, role="output model folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ModelError(f"{out}: exists and is not empty (use -overwrite 1 to replace it)")
     require("torch")

@@ -23,8 +23,9 @@ from nibabel.orientations import apply_orientation
 
 from ..backend import Probabilities
 from ..errors import ModelError
-from ..infer import default_threads, get_session, new_session, providers_for
+from ..infer import bounded_threads, get_session, new_session, providers_for
 from ..ndimage import fill_holes
+from ..preprocess import check_grid
 from ..registry.manifest import ModelSpec
 from .recipe import ChannelNorm, NnunetRecipe
 from .resampling import new_shape_for, resample
@@ -195,7 +196,8 @@ def _nonlin(logits: np.ndarray, regions: bool) -> np.ndarray:
 
 
 def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[float], recipe: NnunetRecipe,
-                         mirror: bool = True, timings: dict[str, float] | None = None) -> NnunetResult:
+                         mirror: bool = True, timings: dict[str, float] | None = None,
+                         source: str = "<image>") -> NnunetResult:
     """Run the recipe on a (Z, Y, X) array as nnU-Net's reader gives it, with that reader's spacing."""
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
@@ -210,6 +212,7 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
     if len(target) < 3:
         target = [spacing_t[0]] + target
     new_shape = new_shape_for(cropped_shape, spacing_t, target)
+    check_grid(tuple(new_shape), source, f"resampling to the model's {'x'.join(f'{t:g}' for t in target)} mm grid")
     norm = recipe.normalisation[0]
     mask = filled_nonzero(data) if norm.use_mask and norm.scheme == "ZScoreNormalization" else None
     data = normalise(data, norm, mask)[None]
@@ -287,7 +290,7 @@ class NnunetBackend:
         self.spec = spec
         self.recipe = spec.nnunet
         self.providers = providers_for(device)
-        self.threads = threads or default_threads()
+        self.threads = bounded_threads(threads)
         self.tta = tta
         self.paths = spec.member_paths()
         size_mb = sum(p.stat().st_size for p in self.paths) / 2 ** 20
@@ -308,7 +311,8 @@ class NnunetBackend:
                 timings: dict[str, float]) -> Probabilities:
         """nnU-Net's labels, foreground probability and disagreement on the RAS grid of ``vol``."""
         arr, spacing, back = reader_view(data_ras, vol.zooms, vol.to_ras, vol.from_ras, self.recipe.image_reader)
-        res = predict_reader_array(self.sessions(), arr, spacing, self.recipe, mirror=self.tta, timings=timings)
+        res = predict_reader_array(self.sessions(), arr, spacing, self.recipe, mirror=self.tta, timings=timings,
+                                   source=vol.source)
         return Probabilities(np.clip(back(res.probability), 0, 1).astype(np.float32),
                              back(res.disagreement).astype(np.float32), back(res.labels).astype(np.uint8))
 

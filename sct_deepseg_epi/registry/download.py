@@ -1,136 +1,106 @@
-"""Install model archives: fetch (mirrors, retries, checksums), extract safely, rename atomically.
+"""Install model archives: fetch (:mod:`.fetch`), extract safely, rename atomically.
 
 An archive (.zip or .tar.gz) holds one model folder: ``manifest.json`` and the member
 files, at its top level or inside a single folder. Installation happens under a file lock
 per model, into a hidden temporary folder next to the destination, and ends with an
 ``os.replace``: concurrent processes install once, and nobody ever reads a half-written
-model.
+model. A models folder that cannot take the model is a one-line :class:`CacheError`.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
-from urllib.parse import unquote, urlparse
+from typing import Callable, Iterator, TypeVar
+from urllib.parse import urlparse
 
 from ..errors import DownloadError, IntegrityError, ModelError
+from ..outputs import prove_writable, umask_mode
+from ..read import one_line
+from .fetch import SHA_RE, Limits, check_url, fetch
 from .manifest import MANIFEST_NAME, ModelSpec, load_manifest
-from ..write import umask_mode
-from .store import cache_root, sha256_file, verify
+from .store import cache_root, packaged_copy, verify
 
 log = logging.getLogger(__name__)
-TIMEOUT = (10, 60)  # connect, read (seconds)
-RETRIES = 3
-BACKOFF = 1.0
-CHUNK = 1 << 16
 LOCK_TIMEOUT = 600.0  # seconds to wait for another process's install
+_T = TypeVar("_T")
 
 
-def _progress(total: int | None, label: str):
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False)
-    return None
+class CacheError(DownloadError):
+    """The models folder cannot take the model (read-only, not a folder, full): no download helps."""
 
 
-def fetch(urls: Sequence[str], dest: Path, sha256: str | None = None, *, retries: int | None = None,
-          backoff: float | None = None, timeout: tuple[float, float] | None = None) -> Path:
-    """Download the first mirror that works to ``dest``, verifying ``sha256`` when given.
-
-    Each mirror is tried ``retries`` times with exponential backoff on connection errors,
-    timeouts and 5xx answers; 4xx answers and checksum mismatches move to the next mirror.
-    """
-    import requests
-
-    retries = RETRIES if retries is None else retries
-    backoff = BACKOFF if backoff is None else backoff
-    timeout = TIMEOUT if timeout is None else timeout
-    dest = Path(dest)
-    errors: list[str] = []
-    for url in urls:
-        if url.startswith("file://") or "://" not in url:
-            src = Path(unquote(urlparse(url).path)) if url.startswith("file://") else Path(url)
-            try:
-                shutil.copyfile(src, dest)
-            except OSError as exc:
-                errors.append(f"{url}: {exc.strerror or exc}")
-                continue
-            if sha256 and sha256_file(dest) != sha256:
-                errors.append(f"{url}: SHA-256 mismatch")
-                dest.unlink()
-                continue
-            return dest
-        for attempt in range(retries):
-            if attempt:
-                time.sleep(backoff * 2 ** (attempt - 1))
-            try:
-                with requests.get(url, stream=True, timeout=timeout) as r:
-                    if r.status_code >= 500:
-                        errors.append(f"{url}: HTTP {r.status_code}")
-                        continue
-                    if r.status_code != 200:
-                        errors.append(f"{url}: HTTP {r.status_code}")
-                        break
-                    total = int(r.headers.get("Content-Length") or 0) or None
-                    bar = _progress(total, dest.name)
-                    h = __import__("hashlib").sha256()
-                    size = 0
-                    with open(dest, "wb") as f:
-                        for block in r.iter_content(CHUNK):
-                            f.write(block)
-                            h.update(block)
-                            size += len(block)
-                            if bar is not None:
-                                bar.update(len(block))
-                    if bar is not None:
-                        bar.close()
-                if total is not None and size != total:
-                    errors.append(f"{url}: connection closed after {size} of {total} bytes")
-                    continue
-                if sha256 and h.hexdigest() != sha256:
-                    errors.append(f"{url}: SHA-256 {h.hexdigest()[:12]}... does not match {sha256[:12]}...")
-                    break
-                return dest
-            except requests.RequestException as exc:
-                errors.append(f"{url}: {type(exc).__name__}")
-    if dest.exists():
-        dest.unlink()
-    raise DownloadError("download failed from every mirror: " + "; ".join(errors or ["no URL given"]))
+def _cache_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """An OSError while installing (read-only or full models folder...) becomes one line naming the path."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            where = exc.filename or kwargs.get("root") or cache_root()
+            raise CacheError(f"{where}: cannot install the model there ({exc.strerror or one_line(exc)}); "
+                                f"free some space or set SCT_DEEPSEG_EPI_MODELS to a writable folder") from None
+    return wrapper
 
 
-def _check_member_name(name: str, archive: Path) -> None:
+def writable_root(root: Path | None) -> Path:
+    """The models folder, created if needed and proven writable, or a one-line DownloadError."""
+    r = Path(root) if root else cache_root()
+    hint = "; set SCT_DEEPSEG_EPI_MODELS to a writable folder"
+    if r.exists() and not r.is_dir():
+        raise CacheError(f"{r}: the models folder is a file, not a folder{hint}")
+    try:
+        r.mkdir(parents=True, exist_ok=True)
+        prove_writable(r)
+    except OSError as exc:
+        raise CacheError(f"{r}: the models folder cannot be written ({exc.strerror or one_line(exc)}){hint}") from None
+    return r
+
+
+def _check_member_name(name: str, archive: Path | str) -> None:
     p = PurePosixPath(name)
     if name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":"):
         raise DownloadError(f"{archive}: unsafe path {name!r} in archive; refusing to extract")
 
 
-def extract(archive: Path, dest: Path) -> None:
-    """Extract a .zip or .tar(.gz) into ``dest``, refusing absolute paths, '..' and links."""
+# what a damaged archive raises while it is read (a truncated zip: BadZipFile, zlib.error, EOFError)
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, ValueError)
+
+
+def extract(archive: Path, dest: Path, label: str | None = None) -> None:
+    """Extract a .zip or .tar(.gz) into ``dest``, refusing absolute paths, '..' and links.
+
+    Errors name ``label`` (the URL the user gave) rather than a temporary file.
+    """
     archive = Path(archive)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            for info in z.infolist():
-                _check_member_name(info.filename, archive)
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise DownloadError(f"{archive}: link {info.filename!r} in archive; refusing to extract")
-            z.extractall(dest)
-        return
+    name = label or str(archive)
     try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    _check_member_name(info.filename, name)
+                    if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                        raise DownloadError(f"{name}: link {info.filename!r} in archive; refusing to extract")
+                z.extractall(dest)
+            return
+        if not tarfile.is_tarfile(archive):
+            raise DownloadError(f"{name}: not a zip or tar archive")
         with tarfile.open(archive) as t:
             members = t.getmembers()
             for m in members:
-                _check_member_name(m.name, archive)
+                _check_member_name(m.name, name)
                 if not (m.isfile() or m.isdir()):
-                    raise DownloadError(f"{archive}: {m.name!r} is a link or special file; refusing to extract")
+                    raise DownloadError(f"{name}: {m.name!r} is a link or special file; refusing to extract")
             for m in members:
                 target = dest / m.name
                 if m.isdir():
@@ -140,17 +110,17 @@ def extract(archive: Path, dest: Path) -> None:
                 src = t.extractfile(m)
                 with open(target, "wb") as out:
                     shutil.copyfileobj(src, out)
-    except tarfile.TarError as exc:
-        raise DownloadError(f"{archive}: not a zip or tar archive ({exc})") from None
+    except _ARCHIVE_ERRORS as exc:
+        raise DownloadError(f"{name}: the archive is damaged or truncated ({one_line(exc)})") from None
 
 
-def _model_folder(tree: Path, archive: Path) -> Path:
+def _model_folder(tree: Path, label: Path | str) -> Path:
     if (tree / MANIFEST_NAME).is_file():
         return tree
     subs = [p for p in tree.iterdir() if p.is_dir()]
     if len(subs) == 1 and (subs[0] / MANIFEST_NAME).is_file():
         return subs[0]
-    raise DownloadError(f"{archive}: no {MANIFEST_NAME} at the top of the archive or in its single folder")
+    raise DownloadError(f"{label}: no {MANIFEST_NAME} at the top of the archive or in its single folder")
 
 
 @contextmanager
@@ -172,10 +142,11 @@ def _lock(root: Path, name: str) -> Iterator[None]:
         lock.release()
 
 
+@_cache_errors
 def install_folder(folder: Path, root: Path | None = None, expect: tuple[str, str] | None = None) -> ModelSpec:
     """Copy a verified model folder into the cache as ``<root>/<name>/<version>`` (atomic)."""
-    root = Path(root) if root else cache_root()
     spec = load_manifest(folder)
+    root = writable_root(root)
     with _lock(root, spec.name):
         return _install_folder_locked(folder, spec, root, expect)
 
@@ -196,13 +167,24 @@ def _installed_copy(root: Path, name: str, version: str, shas: list[str] | None 
     return existing
 
 
-def _install_folder_locked(folder: Path, spec: ModelSpec, root: Path, expect: tuple[str, str] | None) -> ModelSpec:
+def _refuse_shadowing(spec: ModelSpec, label: Path | str) -> None:
+    """A packaged name@version is one set of weights: a different archive must use another name or version."""
+    packaged = packaged_copy(spec.name, spec.version)
+    if packaged is not None and [m.sha256 for m in packaged.members] != [m.sha256 for m in spec.members]:
+        raise DownloadError(f"{label}: holds {spec.ref} with other weights than the packaged {spec.ref}; "
+                            "refusing to shadow it: give the model another name or version in its manifest.json")
+
+
+def _install_folder_locked(folder: Path, spec: ModelSpec, root: Path, expect: tuple[str, str] | None,
+                           label: Path | str | None = None) -> ModelSpec:
+    label = label or folder
     if expect and (spec.name, spec.version) != expect:
-        raise DownloadError(f"{folder}: holds {spec.ref}, expected {expect[0]}@{expect[1]}")
+        raise DownloadError(f"{label}: holds {spec.ref}, expected {expect[0]}@{expect[1]}")
+    _refuse_shadowing(spec, label)
     try:
         verify(spec)
     except IntegrityError as exc:
-        raise DownloadError(f"refusing to install: {exc}") from None
+        raise DownloadError(f"refusing to install {label}: {exc}") from None
     existing = _installed_copy(root, spec.name, spec.version, [m.sha256 for m in spec.members])
     if existing is not None:
         return existing
@@ -229,30 +211,102 @@ def _install_folder_locked(folder: Path, spec: ModelSpec, root: Path, expect: tu
     return installed
 
 
-def install_archive(archive: Path, root: Path | None = None, expect: tuple[str, str] | None = None) -> ModelSpec:
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=_tmp_parent(root)) as tmp:
-        extract(Path(archive), Path(tmp))
-        return install_folder(_model_folder(Path(tmp), Path(archive)), root, expect)
+@_cache_errors
+def install_archive(archive: Path, root: Path | None = None, expect: tuple[str, str] | None = None,
+                    label: str | None = None) -> ModelSpec:
+    root = writable_root(root)
+    label = label or str(archive)
+    with _temporary(root, ".extract-") as tmp:
+        extract(Path(archive), tmp, label)
+        folder = _model_folder(tmp, label)
+        spec = load_manifest(folder)
+        with _lock(root, spec.name):
+            return _install_folder_locked(folder, spec, root, expect, label)
 
 
-def _tmp_parent(root: Path | None) -> Path:
-    r = Path(root) if root else cache_root()
-    r.mkdir(parents=True, exist_ok=True)
-    return r
+@contextmanager
+def _temporary(root: Path, prefix: str) -> Iterator[Path]:
+    """A scratch folder in the models folder (same file system: the install is a rename), always removed.
+
+    Scratch folders of processes that were killed are swept once nothing can still be using them.
+    """
+    _sweep(root)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _sweep(root: Path) -> None:
+    # a live download ends within its deadline (plus a stall), so older scratch folders are orphans
+    limits = Limits.from_env()
+    too_old = time.time() - 2 * (limits.deadline + limits.stall) - LOCK_TIMEOUT
+    for pattern in (".download-*", ".extract-*"):
+        for d in root.glob(pattern):
+            try:
+                if d.is_dir() and d.stat().st_mtime < too_old:
+                    shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _url_key(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@_cache_errors
 def install_url(url: str, root: Path | None = None, sha256: str | None = None,
                 expect: tuple[str, str] | None = None) -> ModelSpec:
-    """Install a model archive from a URL (http(s)://, file:// or a local path)."""
+    """Install a model archive from a URL (http(s)://, file:// or a local path).
+
+    The URL's lock is taken before downloading: processes started together download once,
+    and those that waited find what the first one installed (recorded in ``.url-KEY.json``).
+    """
     local = Path(url)
     if "://" not in url and local.is_dir():
         return install_folder(local, root, expect)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=_tmp_parent(root)) as tmp:
-        name = Path(urlparse(url).path).name or "model.zip"
-        archive = fetch([url], Path(tmp) / name, sha256)
-        return install_archive(archive, root, expect)
+    check_url(url)
+    if sha256 is not None and not SHA_RE.match(sha256):
+        raise DownloadError(f"{url}: the SHA-256 must be 64 hexadecimal digits")
+    root = writable_root(root)
+    key = _url_key(url)
+    waited_from = time.time()
+    with _lock(root, f"url-{key}"):
+        done = _installed_by_other(root / f".url-{key}.json", url, sha256, waited_from)
+        if done is not None:
+            log.info("%s was installed by another process while this one waited", url)
+            return done
+        with _temporary(root, ".download-") as tmp:
+            name = Path(urlparse(url).path).name or "model.zip"
+            archive = fetch([url], tmp / name, sha256)
+            spec = install_archive(archive, root, expect, label=url)
+        record = {"url": url, "sha256": sha256, "model": spec.ref, "time": time.time()}
+        _write_record(root / f".url-{key}.json", record)
+        return spec
 
 
+def _installed_by_other(path: Path, url: str, sha256: str | None, since: float) -> ModelSpec | None:
+    """The model another process installed from ``url`` while this one waited for the lock, if intact."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("url") != url or (sha256 is not None and rec.get("sha256") != sha256):
+        return None
+    if sha256 is None and float(rec.get("time", 0)) < since:
+        return None  # installed before this run started: the URL may now serve something else
+    name, _, version = str(rec.get("model", "")).partition("@")
+    return _installed_copy(path.parent, name, version) if name and version else None
+
+
+def _write_record(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+@_cache_errors
 def install_spec(spec: ModelSpec, root: Path | None = None) -> ModelSpec:
     """Install a model that a manifest describes, from its mirrors, once across processes.
 
@@ -261,19 +315,20 @@ def install_spec(spec: ModelSpec, root: Path | None = None) -> ModelSpec:
     """
     if not spec.mirrors:
         raise ModelError(f"model {spec.ref} lists no download mirrors")
-    root = Path(root) if root else cache_root()
+    root = writable_root(root)
     shas = [m.sha256 for m in spec.members]
     with _lock(root, spec.name):
         existing = _installed_copy(root, spec.name, spec.version, shas)
         if existing is not None:
             return existing
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=_tmp_parent(root)) as tmp:
-            archive = fetch(spec.mirrors, Path(tmp) / (spec.archive or f"{spec.name}-{spec.version}.zip"),
+        with _temporary(root, ".download-") as tmp:
+            archive = fetch(spec.mirrors, tmp / (spec.archive or f"{spec.name}-{spec.version}.zip"),
                             spec.archive_sha256)
-            tree = Path(tmp) / "tree"
-            extract(archive, tree)
-            folder = _model_folder(tree, archive)
+            tree = tmp / "tree"
+            label = spec.mirrors[0] if len(spec.mirrors) == 1 else f"the archive of {spec.ref}"
+            extract(archive, tree, label)
+            folder = _model_folder(tree, label)
             got = load_manifest(folder)
             if [m.sha256 for m in got.members] != shas:
                 raise IntegrityError(f"the archive for {spec.ref} holds other member files than its manifest declares")
-            return _install_folder_locked(folder, got, root, (spec.name, spec.version))
+            return _install_folder_locked(folder, got, root, (spec.name, spec.version), label)

@@ -187,9 +187,15 @@ def _backend(raw: dict, where: str) -> BackendSpec:
     raise ModelError(f"{w}: kind {kind!r} is not one of slices, nnunet")
 
 
-def _postprocess(raw: dict, where: str) -> PostOptions:
-    """The model's postprocessing defaults: any PostOptions field, typed as its default."""
+def _postprocess(raw: dict, where: str, backend_kind: str) -> PostOptions:
+    """The model's postprocessing defaults: any PostOptions field, typed as its default.
+
+    An imported nnU-Net model returns nnU-Net's own labels unless its manifest says
+    otherwise: no z-following (``method`` "3d" with its cleaning steps off).
+    """
     pp, w, kw = dict(raw), f"{where}: postprocess", {}
+    if backend_kind == "nnunet":
+        kw["method"] = "3d"
     for f in fields(PostOptions):
         kind = (int, float) if isinstance(f.default, float) else (str, int) if isinstance(f.default, str) else type(f.default)
         if f.name in pp:
@@ -245,7 +251,7 @@ def spec_from_dict(raw: Mapping[str, Any], *, where: str = "manifest", directory
         raise ModelError(f"{where}: member file names must be unique")
 
     backend = _backend(take(d, "backend", where, dict), where)
-    post = _postprocess(take(d, "postprocess", where, dict, {}), where)
+    post = _postprocess(take(d, "postprocess", where, dict, {}), where, backend.kind)
 
     dl = take(d, "download", where, dict, {})
     wd = f"{where}: download"

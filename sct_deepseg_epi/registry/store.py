@@ -10,6 +10,7 @@ atomic rename of a complete, verified copy.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from .manifest import MANIFEST_NAME, ModelSpec, load_manifest
 ENV_MODELS = "SCT_DEEPSEG_EPI_MODELS"
 DEFAULT_MODEL = "seg_sc_epi"
 _VERIFIED: dict[tuple, bool] = {}
+log = logging.getLogger(__name__)
 
 
 def packaged_root() -> Path:
@@ -83,9 +85,20 @@ def _scan(root: Path) -> dict[tuple[str, str], Path]:
 
 
 def available() -> list[ModelSpec]:
-    """Every known model version: packaged ones and installed ones (installed wins)."""
-    folders = _scan(packaged_root())
-    folders.update(_scan(cache_root()))
+    """Every known model version: packaged ones and installed ones (installed wins).
+
+    An installed copy wins only if it holds the packaged weights (the packaged manifest may
+    list files that live on a mirror): a cache entry that reuses a packaged name@version for
+    other weights is ignored, with a warning, so it can never silently replace the model.
+    """
+    packaged = _scan(packaged_root())
+    folders = dict(packaged)
+    for key, folder in _scan(cache_root()).items():
+        if key in packaged and _member_shas(folder) != _member_shas(packaged[key]):
+            log.warning("%s: ignored; it reuses the packaged model's name and version %s@%s for other weights",
+                        folder, *key)
+            continue
+        folders[key] = folder
     specs = []
     for (name, version), folder in sorted(folders.items(), key=lambda kv: (kv[0][0], _version_key(kv[0][1]))):
         spec = load_manifest(folder)
@@ -93,6 +106,19 @@ def available() -> list[ModelSpec]:
             raise ModelError(f"{folder}: manifest says {spec.ref} but the folder is {name}/{version}")
         specs.append(spec)
     return specs
+
+
+def _member_shas(folder: Path) -> list[str] | None:
+    try:
+        return [m.sha256 for m in load_manifest(folder).members]
+    except ModelError:
+        return None
+
+
+def packaged_copy(name: str, version: str) -> ModelSpec | None:
+    """The manifest shipped with the package for name@version, if there is one."""
+    folder = _scan(packaged_root()).get((name, version))
+    return None if folder is None else load_manifest(folder)
 
 
 def is_complete(spec: ModelSpec) -> bool:
@@ -173,9 +199,8 @@ def with_mirrors(spec: ModelSpec) -> ModelSpec:
     """
     if spec.mirrors:
         return spec
-    folder = _scan(packaged_root()).get((spec.name, spec.version))
-    if folder is not None:
-        packaged = load_manifest(folder)
+    packaged = packaged_copy(spec.name, spec.version)
+    if packaged is not None:
         if packaged.mirrors and [m.sha256 for m in packaged.members] == [m.sha256 for m in spec.members]:
             return packaged
     return spec

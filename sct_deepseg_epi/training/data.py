@@ -26,6 +26,12 @@ from ..registry.manifest import ModelSpec
 from ..registry.store import sha256_file
 from .simulate import SimConfig, Simulated, Source, scale_intensity, simulate
 
+# Subjects of ../shared/data kept out of training from model 0.2.0 on: the held-out simulated
+# set (validate.heldout_simulated) is drawn from them only. Two sct-errsm subjects that no
+# model has seen: errsm_18 (sagittal T2w + axial GRE from the cervicomedullary junction) and
+# errsm_21 (sagittal T2w, brainstem to upper thoracic cord).
+HELDOUT_GROUPS = ("errsm_18", "errsm_21")
+
 _LABEL_RE = re.compile(r"_(seg|mask)(?=[-_.]|$)", re.IGNORECASE)
 _SKIP_RE = re.compile(r"(gmseg|_gm[-_.]|_wm[-_.]|lesion)", re.IGNORECASE)
 _EPI_RE = re.compile(r"(bold|epi|fmri)", re.IGNORECASE)
@@ -51,11 +57,28 @@ def is_label(path: Path | str) -> bool:
     return bool(_LABEL_RE.search(name)) and not _SKIP_RE.search(name)
 
 
+_SUBJECT_DIR_RE = re.compile(r"^[A-Za-z]+_\d+$")  # a subject folder without BIDS names, e.g. errsm_18
+
+
 def _subject(path: Path) -> str:
+    """The subject a file belongs to (one fold group): BIDS ``sub-X`` (sessions merged), else a
+    ``name_NN`` subject folder (all its contrasts together), else the file itself."""
     m = re.search(r"sub-([A-Za-z0-9]+?)(?:Ses\d+)?(?=[_/.]|$)", path.name)
     if m:
         return "sub-" + m.group(1)
+    if _SUBJECT_DIR_RE.match(path.parent.name):
+        return path.parent.name
     return f"{path.parent.name}/{Path(strip_nifti_suffix(path)).name}"
+
+
+def _shared_folders(a: Path, b: Path) -> int:
+    """How many innermost folder names two paths share (BIDS derivatives mirror the raw tree)."""
+    n = 0
+    for x, y in zip(reversed(a.parent.parts), reversed(b.parent.parts)):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def pair_files(files: list[Path], roles: dict[Path, str] | None = None,
@@ -70,11 +93,21 @@ def pair_files(files: list[Path], roles: dict[Path, str] | None = None,
         cands = [f for f in images if lstem.startswith(stems[f] + "_")]
         if not cands:
             continue
-        # the longest prefix wins; ties broken by the shortest path (raw tree before derivatives)
-        img = sorted(cands, key=lambda f: (-len(stems[f]), len(str(f)), str(f)))[0]
+        # the longest prefix wins; then the image whose folders match the label's (same subject
+        # folder: errsm_18/t2_seg-manual goes with errsm_18/t2, not another subject's t2); then
+        # the shortest path (raw tree before derivatives)
+        img = sorted(cands, key=lambda f: (-len(stems[f]), -_shared_folders(f, lab), len(str(f)), str(f)))[0]
         role = (roles or {}).get(img, "train-source")
         pairs.append(Pair(img, lab, _subject(img), role, (sums or {}).get(img, "")))
     return pairs
+
+
+def unique_names(pairs: list[Pair]) -> list[str]:
+    """Source names: the image's stem, prefixed by its folder where stems repeat or the folder
+    is a subject (``errsm_18/t2``, ``sct-testing/t2``)."""
+    stems = [p.name for p in pairs]
+    return [f"{p.image.parent.name}/{n}" if stems.count(n) > 1 or _SUBJECT_DIR_RE.match(p.image.parent.name) else n
+            for p, n in zip(pairs, stems)]
 
 
 def discover(source: Path | str, roles: tuple[str, ...] = ("train-source",)) -> list[Pair]:
@@ -105,14 +138,19 @@ def discover(source: Path | str, roles: tuple[str, ...] = ("train-source",)) -> 
     return pairs
 
 
-def load_source(pair: Pair) -> Source:
-    """Read a pair into RAS arrays (the temporal mean for 4D EPI); the mask must share the grid."""
+def load_source(pair: Pair, name: str | None = None) -> Source:
+    """Read a pair into RAS arrays (the temporal mean for 4D EPI); the mask must share the grid.
+
+    Orientation comes from the affine (:func:`~sct_deepseg_epi.read.read_volume`), so a
+    sagittal volume (PSR, say) is resliced axially by the lossless reorientation to RAS.
+    Float masks (0/1 stored as float) are binarised at 0.5.
+    """
     img = read_volume(pair.image)
     msk = read_volume(pair.mask)
     if msk.data.shape != img.data.shape:
         raise InputError(f"{pair.mask}: the mask does not share the grid of {pair.image}")
     is_epi = img.is_4d or bool(_EPI_RE.search(pair.image.name))
-    return Source(pair.name, scale_intensity(img.data), (msk.data > 0.5).astype(np.float32), img.zooms,
+    return Source(name or pair.name, scale_intensity(img.data), (msk.data > 0.5).astype(np.float32), img.zooms,
                   {"scaled": True, "epi": is_epi, "group": pair.group, "image": str(pair.image), "mask": str(pair.mask)})
 
 
@@ -121,7 +159,9 @@ def epi_light_config(src: Source, base: SimConfig) -> SimConfig:
     r = float(np.mean(src.zooms[:2]))
     return SimConfig(**{**base.__dict__, "inplane_mm": (r, r), "thickness_mm": (src.zooms[2], src.zooms[2]),
                         "gap_fraction": (0.0, 0.0), "distortion_mm": (0.0, 1.0), "ghost_phase_rad": (0.0, 0.1),
-                        "t2star_decay": (0.0, 0.2), "dropout_prob": 0.1, "snr": (40.0, 200.0), "gamma": (0.8, 1.25)})
+                        "t2star_decay": (0.0, 0.2), "dropout_prob": 0.1, "snr": (40.0, 200.0), "gamma": (0.8, 1.25),
+                        # real EPI already has its own ends, coil fall-off and contrast
+                        "top_prob": 0.0, "end_pv_prob": 0.0, "weak_contrast_prob": 0.0, "z_falloff_prob": 0.0})
 
 
 # ---------------------------------------------------------------- network inputs
@@ -235,14 +275,21 @@ def load_sources_npz(path: Path | str) -> list[Source]:
                 for i, m in enumerate(meta)]
 
 
-def load_sources(data: Path | str, roles: tuple[str, ...] = ("train-source",)) -> tuple[list[Source], list[Pair]]:
-    """Sources from a folder / manifest (see :func:`discover`) or a packed ``.npz`` cache."""
+def load_sources(data: Path | str, roles: tuple[str, ...] = ("train-source",),
+                 exclude_groups: tuple[str, ...] = ()) -> tuple[list[Source], list[Pair]]:
+    """Sources from a folder / manifest (see :func:`discover`) or a packed ``.npz`` cache.
+
+    ``exclude_groups`` drops whole subjects (e.g. those kept for a held-out simulated set).
+    """
     if str(data).endswith(".npz"):
-        return load_sources_npz(data), []
+        return [s for s in load_sources_npz(data) if s.meta.get("group") not in exclude_groups], []
     pairs = discover(data, roles)
+    names = unique_names(pairs)
+    keep = [i for i, p in enumerate(pairs) if p.group not in exclude_groups]
+    pairs, names = [pairs[i] for i in keep], [names[i] for i in keep]
     sources = []
-    for p in pairs:
-        s = load_source(p)
+    for p, n in zip(pairs, names):
+        s = load_source(p, n)
         s.meta["sha256"] = p.sha256 or sha256_file(p.image)
         s.meta["mask_sha256"] = sha256_file(p.mask)
         sources.append(s)

@@ -7,15 +7,20 @@ from a seeded :class:`numpy.random.Generator`. numpy only (no torch, no scipy).
 
 The acquisition is modelled in this order (each step is one small function):
 
-1. contrast: intensities scaled to [0, ~1], random gamma, random cord/CSF contrast;
-2. thick slices: the output slice (3-10 mm, optional gap) is the overlap-weighted average
-   of the source slices it covers, for the image and the mask alike (partial volume);
+1. thick slices: the output slice (3-10 mm, optional gap) is the overlap-weighted average
+   of the source slices it covers, for the image and the mask alike (partial volume); the
+   stack stays inside the labelled range, is sometimes pinned to its top (C1-C2 at the top
+   of the stack) and its end slices sometimes get a wider slab (partial-volume end slices);
+2. contrast: intensities scaled to [0, ~1], random gamma, random cord/CSF contrast, and on
+   some slices a local blur around the cord that weakens the cord/CSF contrast;
 3. geometry: the field of view (FOV) is placed around the cord, often with the cord a
    few mm from an edge, rotated in-plane and optionally flipped left-right; a smooth
    displacement field along the phase-encoding (PE) axis distorts it, and the signal
    is multiplied by the Jacobian of that map (pile-up where it compresses, thinning where
    it stretches);
-4. signal: susceptibility dropout blobs near the cord, coil bias field, slice-to-slice gain;
+4. signal: susceptibility dropout blobs near the cord, coil bias field, slice-to-slice gain,
+   and a coil-edge fall-off along z (signal, hence SNR, dropping towards one or both ends
+   of the stack, applied after the noise level is set);
 5. k-space: the image is sampled on a grid twice as fine as the acquisition, Fourier
    transformed and cropped to the acquisition matrix (the in-plane resolution, 0.8-2.5 mm),
    weighted by T2* decay along the PE echo train (blur along PE), given an odd/even line
@@ -57,6 +62,16 @@ class SimConfig:
     snr: tuple[float, float] = (4.0, 40.0)
     gamma: tuple[float, float] = (0.6, 1.6)
     cord_contrast: tuple[float, float] = (0.75, 1.3)
+    # 0.2.0: what failed on real data (cord at the stack's ends, C1-C2, weak contrast)
+    anatomy_scale: tuple[float, float] = (0.9, 1.15)  # in-plane size of the anatomy (cord size varies)
+    top_prob: float = 0.25             # stack pinned to the top of the labelled cord (C1-C2 on top)
+    end_pv_prob: float = 0.3           # the stack's end slices get a wider slab (partial volume)
+    end_pv_factor: tuple[float, float] = (1.2, 2.0)
+    weak_contrast_prob: float = 0.15   # per slice: cord/CSF contrast washed out locally
+    weak_contrast: tuple[float, float] = (0.4, 0.9)
+    z_falloff_prob: float = 0.5        # coil-edge signal fall-off towards the stack's end(s)
+    z_falloff_depth: tuple[float, float] = (0.2, 0.75)  # signal lost at the outer edge of the end slice
+    z_falloff_mm: tuple[float, float] = (5.0, 30.0)     # e-folding length of that loss
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -95,24 +110,42 @@ def scale_intensity(img: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- 2. thick slices
-def thick_slice_weights(n_src: int, dz: float, centres_mm: np.ndarray, thickness: float) -> np.ndarray:
+def thick_slice_weights(n_src: int, dz: float, centres_mm: np.ndarray, thickness,
+                        lo_mm: np.ndarray | None = None, hi_mm: np.ndarray | None = None) -> np.ndarray:
     """(n_out, n_src) weights: the overlap of each output slab with each source slab, rows sum to 1.
 
-    Source slice i covers [i*dz, (i+1)*dz) mm; output slice k covers centre +- thickness/2.
+    Source slice i covers [i*dz, (i+1)*dz) mm; output slice k covers centre +- thickness/2,
+    or [lo_mm[k], hi_mm[k]) when given (a slab wider than nominal, e.g. at a stack's end).
     """
     lo_s = np.arange(n_src) * dz
     hi_s = lo_s + dz
-    lo_o = centres_mm[:, None] - thickness / 2
-    hi_o = centres_mm[:, None] + thickness / 2
+    lo_o = (centres_mm - np.asarray(thickness) / 2 if lo_mm is None else np.asarray(lo_mm))[:, None]
+    hi_o = (centres_mm + np.asarray(thickness) / 2 if hi_mm is None else np.asarray(hi_mm))[:, None]
     w = np.clip(np.minimum(hi_s[None], hi_o) - np.maximum(lo_s[None], lo_o), 0, None)
     s = w.sum(axis=1, keepdims=True)
     return (w / np.where(s > 0, s, 1)).astype(np.float32)
 
 
+def labelled_range(mask: np.ndarray, dz: float) -> tuple[float, float]:
+    """[lo, hi) in mm along z of the slices holding cord (the whole extent for an empty mask).
+
+    Stacks stay inside it: beyond a manual mask's end the cord usually goes on unlabelled,
+    and a slab straddling that end would teach "visible cord, no label"."""
+    z = np.nonzero(mask.reshape(-1, mask.shape[2]).max(axis=0) > 0.5)[0]
+    if not len(z):
+        return 0.0, mask.shape[2] * dz
+    return float(z[0] * dz), float((z[-1] + 1) * dz)
+
+
 def thick_slices(src: Source, rng: np.random.Generator, cfg: SimConfig):
-    """Average source slices into thick slices; returns image, mask (X, Y, n), thickness, params."""
+    """Average source slices into thick slices; returns image, mask (X, Y, n), thickness, params.
+
+    Slice k = 0 is the most inferior (RAS). With ``top_prob`` the stack's top slab ends at
+    the top of the labelled cord; with ``end_pv_prob`` the end slabs reach further out.
+    """
     nz, dz = src.image.shape[2], src.zooms[2]
-    extent = nz * dz
+    lab_lo, lab_hi = labelled_range(src.mask, dz)
+    extent = lab_hi - lab_lo
     thickness = max(_u(rng, cfg.thickness_mm), dz)
     thickness = min(thickness, extent)
     gap = _u(rng, cfg.gap_fraction) * thickness
@@ -120,13 +153,77 @@ def thick_slices(src: Source, rng: np.random.Generator, cfg: SimConfig):
     n_max = max(1, int((extent - thickness) // pitch) + 1)
     n = int(rng.integers(cfg.n_slices[0], cfg.n_slices[1] + 1))
     n = max(1, min(n, n_max))
-    start = float(rng.uniform(0, max(0.0, extent - thickness - (n - 1) * pitch)))
+    room = max(0.0, extent - thickness - (n - 1) * pitch)
+    top = rng.random() < cfg.top_prob
+    start = lab_lo + (room - float(rng.uniform(0, min(room, 0.5 * thickness))) if top else float(rng.uniform(0, room)))
     centres = start + thickness / 2 + pitch * np.arange(n)
-    w = thick_slice_weights(nz, dz, centres, thickness)
+    lo, hi = centres - thickness / 2, centres + thickness / 2
+    end_pv = rng.random() < cfg.end_pv_prob
+    if end_pv:  # wider slabs at the ends, reaching outwards (never past the labelled range)
+        lo[0] = max(lab_lo, lo[0] - (_u(rng, cfg.end_pv_factor) - 1) * thickness)
+        hi[-1] = min(lab_hi, hi[-1] + (_u(rng, cfg.end_pv_factor) - 1) * thickness)
+    w = thick_slice_weights(nz, dz, centres, thickness, lo, hi)
     used = np.nonzero(w.sum(axis=0) > 0)[0]
     img = np.tensordot(src.image[:, :, used], w[:, used], axes=(2, 1))
     mask = np.tensordot(src.mask[:, :, used], w[:, used], axes=(2, 1))
-    return img.astype(np.float32), mask.astype(np.float32), thickness, {"thickness_mm": thickness, "gap_mm": gap, "n_slices": n}
+    return img.astype(np.float32), mask.astype(np.float32), thickness, {
+        "thickness_mm": thickness, "gap_mm": gap, "n_slices": n, "top_of_cord": bool(top), "end_pv": bool(end_pv)}
+
+
+def box_blur(a: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window of a 2D array (edges: mean over the part inside)."""
+    out = a.astype(np.float64)
+    for ax in (0, 1):
+        c = np.cumsum(np.pad(out, [(r + 1, r) if i == ax else (0, 0) for i in range(2)]), axis=ax)
+        n = out.shape[ax]
+        hi = np.take(c, np.arange(2 * r + 1, 2 * r + 1 + n), axis=ax)
+        lo = np.take(c, np.arange(0, n), axis=ax)
+        cnt = np.minimum(np.arange(n) + r, n - 1) - np.maximum(np.arange(n) - r, 0) + 1
+        shape = [1, 1]
+        shape[ax] = n
+        out = (hi - lo) / cnt.reshape(shape)
+    return out.astype(np.float32)
+
+
+def weaken_contrast(img: np.ndarray, mask: np.ndarray, zooms, rng: np.random.Generator, cfg: SimConfig):
+    """Per slice (p = ``weak_contrast_prob``): mix the cord's neighbourhood with a 7 mm box mean.
+
+    The cord and its CSF ring then differ little, as on slices where CSF is thin, flows or
+    is partial-volumed; the cord's shape (the mask) is unchanged. Returns the image and the
+    number of slices changed.
+    """
+    r_small = max(1, int(round(3.0 / zooms[0])))
+    r_big = max(1, int(round(6.0 / zooms[0])))
+    out = img.copy()
+    n = 0
+    for k in range(img.shape[2]):
+        if rng.random() >= cfg.weak_contrast_prob or not mask[:, :, k].any():
+            continue
+        a = _u(rng, cfg.weak_contrast)
+        near = np.clip(3 * box_blur(mask[:, :, k], r_big), 0, 1)  # 1 on the cord, fading ~6 mm out
+        out[:, :, k] = img[:, :, k] + a * near * (box_blur(img[:, :, k], r_small) - img[:, :, k])
+        n += 1
+    return out, n
+
+
+def z_falloff(n: int, pitch: float, thickness: float, rng: np.random.Generator, cfg: SimConfig) -> tuple[np.ndarray, dict]:
+    """Per-slice signal gain of a coil whose sensitivity drops towards the stack's end(s).
+
+    gain = 1 - depth * exp(-d / L), d the distance (mm) of a slice's centre from the outer
+    edge of the end slab; the end is the top (p 0.5), the bottom (0.3) or both (0.2).
+    """
+    if rng.random() >= cfg.z_falloff_prob:
+        return np.ones(n, np.float32), {"z_falloff": None}
+    depth, length = _u(rng, cfg.z_falloff_depth), _u(rng, cfg.z_falloff_mm)
+    end = ("top", "bottom", "both")[int(rng.choice(3, p=[0.5, 0.3, 0.2]))]
+    d_bottom = thickness / 2 + pitch * np.arange(n)
+    d_top = d_bottom[::-1]
+    loss = np.zeros(n)
+    if end in ("top", "both"):
+        loss = np.maximum(loss, depth * np.exp(-d_top / length))
+    if end in ("bottom", "both"):
+        loss = np.maximum(loss, depth * np.exp(-d_bottom / length))
+    return (1 - loss).astype(np.float32), {"z_falloff": [end, round(depth, 3), round(length, 1)]}
 
 
 # ---------------------------------------------------------------- 3. geometry
@@ -237,7 +334,8 @@ def simulate(src: Source, rng: np.random.Generator, cfg: SimConfig = SimConfig()
     p.update(tp, gamma=gamma)
     contrast = _u(rng, cfg.cord_contrast)
     img3 = img3 * (1 + (contrast - 1) * mask3)
-    p["cord_contrast"] = contrast
+    img3, n_weak = weaken_contrast(img3, mask3, src.zooms, rng, cfg)
+    p.update(cord_contrast=contrast, weak_contrast_slices=n_weak)
 
     # ---- geometry: output frame -> source mm
     zx, zy = src.zooms[:2]
@@ -280,14 +378,15 @@ def simulate(src: Source, rng: np.random.Generator, cfg: SimConfig = SimConfig()
     if flip:
         gx = -gx
     theta = math.radians(float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg)))
-    c, s = math.cos(theta), math.sin(theta)
+    scale = _u(rng, cfg.anatomy_scale)
+    c, s = math.cos(theta) / scale, math.sin(theta) / scale
     sx = cord[0] + c * gx - s * gy
     sy = cord[1] + s * gx + c * gy
     px, py = sx / zx - 0.5, sy / zy - 0.5
     fimg = bilinear(img3, px, py) * jac[..., None]
     fmask = bilinear(mask3, px, py)
     p.update(inplane_mm=res, matrix=list(matrix), fov_mm=[round(f, 1) for f in fov], pe_axis=pe_axis,
-             distortion_mm=amp, flip_lr=bool(flip), rotation_deg=math.degrees(theta),
+             distortion_mm=amp, flip_lr=bool(flip), rotation_deg=math.degrees(theta), anatomy_scale=scale,
              edge=None if edge_axis is None else [edge_axis, edge_side])
 
     # ---- signal: dropout, bias, slice gain
@@ -320,6 +419,10 @@ def simulate(src: Source, rng: np.random.Generator, cfg: SimConfig = SimConfig()
     ref = float(np.percentile(mag[mask > 0.5], 50)) if np.any(mask > 0.5) else float(np.percentile(mag, 90))
     snr = float(np.exp(rng.uniform(np.log(cfg.snr[0]), np.log(cfg.snr[1]))))
     sigma = max(ref, 1e-6) / snr
+    # coil fall-off after the noise level is set: the end slices lose signal, hence SNR
+    zgain, zp = z_falloff(n, tp["thickness_mm"] + tp["gap_mm"], thickness, rng, cfg)
+    cimg = cimg * zgain
+    p.update(zp)
     noisy = cimg + rng.normal(0, sigma, cimg.shape) + 1j * rng.normal(0, sigma, cimg.shape)
     out = np.abs(noisy).astype(np.float32) * 1000.0
     p["snr"] = snr

@@ -180,23 +180,28 @@ def test_batch_cli_progress_bar_on_a_terminal(tiny_model, tmp_path, capsys, monk
     assert "[1/3]" not in err                                        # no per-run log lines
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo") or os.name != "posix", reason="needs a FIFO and process groups")
+@pytest.mark.skipif(os.name != "posix", reason="needs process groups")
 def test_ctrl_c_records_what_finished_and_a_rerun_resumes(tiny_model, tmp_path):
     import signal
 
+    from filelock import FileLock
+
     ds = make_dataset(tmp_path / "ds", runs=RUNS[:2])
-    fifo = ds / "sub-09/func/sub-09_task-rest_bold.nii.gz"
-    fifo.parent.mkdir(parents=True)
-    os.mkfifo(fifo)  # this run hangs: its worker hashes the input to compare with the earlier result below
+    held = ds / "sub-09/func/sub-09_task-rest_bold.nii.gz"
+    held.parent.mkdir(parents=True)
+    nib.save(blob_image(seed=9)[0], str(held))
     deriv = ds / "derivatives" / "sct_deepseg_epi"
     (deriv / "sub-09/func").mkdir(parents=True)
     (deriv / "sub-09/func/sub-09_task-rest_desc-spinalcord_mask.json").write_text("{}")
+    # this run hangs: another process holds its lock, and the batch waits for it once the others are done
+    lock = FileLock(str(deriv / "sub-09/func/.sub-09_task-rest_desc-spinalcord.lock"))
+    lock.acquire()
     cmd = [sys.executable, "-m", "sct_deepseg_epi", "batch", str(ds), "-model", "tiny", "-jobs", "2"]
     p = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
         finished = 0
-        while finished < 2:  # both real runs are done; the third worker is stuck on the FIFO
+        while finished < 2:  # both free runs are done; a worker is waiting for the held one
             line = p.stderr.readline()
             assert line, "the batch ended early"
             finished += " done in " in line
@@ -205,11 +210,10 @@ def test_ctrl_c_records_what_finished_and_a_rerun_resumes(tiny_model, tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+        lock.release()
     assert p.returncode == 130 and "interrupted" in rest
-    assert [r["status"] for r in rows(deriv).values()] == ["done", "done"]    # the FIFO run is not recorded
+    assert [r["status"] for r in rows(deriv).values()] == ["done", "done"]    # the held run is not recorded
     assert not list(deriv.glob("sub-09/func/*.nii.gz"))                       # nothing under a final name
-    fifo.unlink()
-    nib.save(blob_image(seed=9)[0], str(fifo))
     assert main(["batch", str(ds), "-model", "tiny", "-v", "0"]) == 0
     assert [r["status"] for r in rows(deriv).values()] == ["skipped", "skipped", "done"]
     assert [r["note"] for r in rows(deriv).values()][2] == "redone: mask missing"
@@ -222,11 +226,12 @@ def test_batch_takes_every_postprocessing_flag_and_keys_resume_on_it(tiny_model,
     side = deriv / "sub-01/func/sub-01_task-rest_desc-spinalcord_mask.json"
     assert main(["batch", str(ds), "-model", "tiny", "-threads", "1"]) == 0
     plain = json.loads(side.read_text())
-    argv = ["batch", str(ds), "-model", "tiny", "-threads", "1", "-largest", "0", "-remove-small", "4mm3",
-            "-dilate", "1", "-roi", "0"]
+    argv = ["batch", str(ds), "-model", "tiny", "-threads", "1", "-postprocess", "3d", "-largest", "0",
+            "-remove-small", "4mm3", "-dilate", "1", "-roi", "0"]
     assert main(argv) == 0
     grown = json.loads(side.read_text())
-    assert grown["postprocess"] == {"largest": False, "fill_holes": True, "remove_small": "4mm3", "dilate": 1}
+    assert grown["postprocess"] == {"method": "3d", "largest": False, "fill_holes": True, "remove_small": "4mm3",
+                                    "dilate": 1}
     assert grown["localise"] is False and grown["Batch"]["cord_volume_mm3"] > plain["Batch"]["cord_volume_mm3"]
     capsys.readouterr()
     assert main(argv) == 0 and "skipped" in capsys.readouterr().err  # same settings: up to date

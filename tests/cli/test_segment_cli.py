@@ -27,7 +27,7 @@ def test_flags_reach_the_engine(tiny_model, blob_file):
     assert main(["-i", str(path), "-o", str(out), "-model", "tiny@1.0.0", "-thr", "0.3", "-largest", "0",
                  "-fill-holes", "0", "-remove-small", "5mm3", "-tta", "0", "-device", "cpu", "-v", "0"]) == 0
     side = json.loads((path.parent / "custom.json").read_text())
-    assert side["threshold"] == 0.3 and side["postprocess"] == {"largest": False, "fill_holes": False, "remove_small": "5mm3", "dilate": 0}
+    assert side["threshold"] == 0.3 and side["postprocess"] == {"method": "z", "largest": False, "fill_holes": False, "remove_small": "5mm3", "dilate": 0}
     assert side["tta"] is False
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_model_folder
 
 from sct_deepseg_epi.errors import DownloadError, IntegrityError, ModelError
-from sct_deepseg_epi.registry import download, store
+from sct_deepseg_epi.registry import download, fetch, store
 from sct_deepseg_epi.registry.manifest import load_manifest
 
 
@@ -68,7 +68,7 @@ def server():
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(download, "BACKOFF", 0.01)
+    monkeypatch.setattr(fetch, "BACKOFF", 0.01)
 
 
 def zip_folder(folder: Path, prefix: str = "") -> bytes:
@@ -97,22 +97,22 @@ def remote_manifest(folder: Path, root: Path, mirrors: list[str], sha: str) -> N
 def test_fetch_verifies_checksum(server, tmp_path):
     server.files["/a.bin"] = b"hello"
     good = hashlib.sha256(b"hello").hexdigest()
-    assert download.fetch([server.url + "/a.bin"], tmp_path / "a", good).read_bytes() == b"hello"
+    assert fetch.fetch([server.url + "/a.bin"], tmp_path / "a", good).read_bytes() == b"hello"
     with pytest.raises(DownloadError, match="SHA-256"):
-        download.fetch([server.url + "/a.bin"], tmp_path / "b", "0" * 64)
+        fetch.fetch([server.url + "/a.bin"], tmp_path / "b", "0" * 64)
     assert not (tmp_path / "b").exists()
 
 
 def test_fetch_retries_5xx_then_succeeds(server, tmp_path):
     server.files["/a.bin"] = b"data"
     server.fail["/a.bin"] = [503, 500]
-    download.fetch([server.url + "/a.bin"], tmp_path / "a")
+    fetch.fetch([server.url + "/a.bin"], tmp_path / "a")
     assert server.hits["/a.bin"] == 3
 
 
 def test_fetch_falls_back_to_next_mirror(server, tmp_path):
     server.files["/b.bin"] = b"data"
-    out = download.fetch([server.url + "/missing.bin", server.url + "/b.bin"], tmp_path / "x")
+    out = fetch.fetch([server.url + "/missing.bin", server.url + "/b.bin"], tmp_path / "x")
     assert out.read_bytes() == b"data" and server.hits["/missing.bin"] == 1  # 404 is not retried
 
 
@@ -120,12 +120,12 @@ def test_fetch_detects_truncation(server, tmp_path):
     server.files["/t.bin"] = b"x" * 1000
     server.truncate.add("/t.bin")
     with pytest.raises(DownloadError):
-        download.fetch([server.url + "/t.bin"], tmp_path / "t", retries=2)
+        fetch.fetch([server.url + "/t.bin"], tmp_path / "t", retries=2)
 
 
 def test_fetch_unreachable_host(tmp_path):
     with pytest.raises(DownloadError, match="every mirror"):
-        download.fetch(["http://127.0.0.1:9/none.zip"], tmp_path / "n", retries=1, timeout=(1, 1))
+        fetch.fetch(["http://127.0.0.1:9/none.zip"], tmp_path / "n", retries=1, limits=fetch.Limits(stall=1))
 
 
 def test_install_from_mirrors(server, archive, model_root, tmp_path):

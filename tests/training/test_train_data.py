@@ -8,7 +8,8 @@ import pytest
 
 from sct_deepseg_epi.errors import InputError
 from sct_deepseg_epi.preprocess import prepare
-from sct_deepseg_epi.training.data import crop_patch, discover, is_label, load_source, pair_files, prepared_pair
+from sct_deepseg_epi.training.data import (crop_patch, discover, is_label, load_source, pair_files, prepared_pair,
+                                           unique_names)
 from sct_deepseg_epi.training.simulate import SimConfig, simulate
 from train_fixtures import tiny_bids  # noqa: F401,E402  (fixture)
 
@@ -32,6 +33,21 @@ def test_pair_files_longest_prefix_and_derivatives():
         ("sub-01_T2starw_run-1.nii.gz", "sub-01_T2starw_run-1_seg-manual.nii.gz"),
         ("t2s.nii.gz", "t2s_seg.nii.gz")]
     assert pairs[0].group == "sub-01"
+
+
+def test_pair_files_prefers_the_labels_own_subject_folder():
+    # the same stem in several folders: each label goes with the image next to it
+    files = [Path(p) for p in (
+        "anat/other/t2.nii.gz", "anat/other/t2_seg-manual.nii.gz",
+        "anat/set/errsm_11/t2.nii.gz", "anat/set/errsm_11/t2_seg-manual.nii.gz",
+        "anat/set/errsm_18/gre.nii.gz", "anat/set/errsm_18/gre_seg.nii.gz",
+        "anat/set/errsm_18/t2.nii.gz", "anat/set/errsm_18/t2_seg-manual.nii.gz")]
+    pairs = pair_files(files)
+    assert [(str(p.image.parent), p.mask.parent == p.image.parent) for p in pairs] == [
+        ("anat/other", True), ("anat/set/errsm_11", True), ("anat/set/errsm_18", True), ("anat/set/errsm_18", True)]
+    # contrasts of one subject folder form one fold group; names stay unique
+    assert [p.group for p in pairs] == ["other/t2", "errsm_11", "errsm_18", "errsm_18"]
+    assert unique_names(pairs) == ["other/t2", "errsm_11/t2", "errsm_18/gre", "errsm_18/t2"]
 
 
 def test_discover_bids(tiny_bids):
