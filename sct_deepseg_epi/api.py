@@ -28,7 +28,7 @@ from .outputs import OutputSet, check_output
 from .postprocess import PostOptions, finish
 from .preprocess import check_model_grid
 from .read import Volume, from_image, read_volume
-from .registry import download, store
+from .registry import store
 from .registry.manifest import ModelSpec, load_manifest
 from .write import FrameWriter, default_output, derived_path, like, save_json, save_nifti, sidecar_path
 
@@ -81,6 +81,8 @@ def _not_installed(spec: ModelSpec, source: ModelSpec) -> str:
 
 
 def _install_or_explain(spec: ModelSpec) -> ModelSpec:
+    from .registry import download  # archives and HTTP: only when a model must be installed
+
     try:
         return download.install_spec(spec)
     except download.CacheError:
@@ -265,7 +267,8 @@ def run_targets(input_path: str | Path, output: str | Path | None = None, *, sof
 
 def run(input_path: str | Path, output: str | Path | None = None, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
         soft: bool = False, disagreement: bool = False, options: Options | None = None,
-        then: Callable[[RunResult], Any] | None = None, **choices) -> RunResult:
+        then: Callable[[RunResult], Any] | None = None, progress: Callable[[int, int], None] | None = None,
+        **choices) -> RunResult:
     """Segment a file and write ``*_seg.nii.gz`` (+ sidecar, optional soft/disagreement maps).
 
     ``options.output == "probability"`` writes the soft probability map as the main
@@ -275,7 +278,8 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
     Every path the run will write is checked against the input before any work; the files
     are written to temporaries and renamed together at the end, so no output appears unless
     everything succeeded. ``then`` (a QC report, say) runs after the renames; if it fails,
-    the run's files are removed again and its error raised.
+    the run's files are removed again and its error raised. ``progress(done, total)`` is
+    called after each volume of a ``-4d each`` series.
     """
     options = _options(options, choices)
     t0 = time.perf_counter()
@@ -297,11 +301,13 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
             if each:
                 writers = {k: stack.enter_context(FrameWriter(targets[k], vol.image, shape, maps[k][1],
                                                               tmp=outputs.temp(k))) for k in maps_to_write}
-                for frame in frames:
+                for done, frame in enumerate(frames, 1):
                     n_cord += int(np.count_nonzero(frame.mask))
                     reports.append(frame.slices)
                     for k, w in writers.items():
                         w.write(getattr(frame, maps[k][0]))
+                    if progress is not None:
+                        progress(done, vol.n_frames)
                 t1 = time.perf_counter()
                 for w in writers.values():
                     w.finish()

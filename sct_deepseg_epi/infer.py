@@ -13,14 +13,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from .backend import Probabilities
 from .errors import ModelError
 from .options import DEVICES
-from .preprocess import Prepared, model_grid_shape, prepare, restore, roi_around
+from .preprocess import Prepared, model_grid_shape, model_volume, prepare_from, restore, roi_around
 from .registry.manifest import ModelSpec
 
 if TYPE_CHECKING:
@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _SESSIONS: dict[tuple, object] = {}
 _SHARED_ARENA = False
-PIXELS_PER_CALL = 1 << 19  # input pixels per ONNX Runtime call (about 60 MB of activations)
+PIXELS_PER_CALL = 1 << 19  # input pixels per ONNX Runtime call on a GPU (about 60 MB of activations)
+# On CPU: 2 slices of 128 x 128, or 1 with its flip: an 8-32 channel U-Net's activations then fit
+# in a core's L2 cache. Measured: 105-125 ms of CPU per million pixels up to 130k pixels per call,
+# 130-250 ms at 400-800k (docs/performance.md)
+CPU_CALL_PIXELS = 1 << 15
 ROI_MARGIN_MM = 12.0  # margin around the cord found first: covers motion and keeps CSF/tissue context
 
 
@@ -89,14 +93,15 @@ def _register_shared_arena(ort) -> None:
 def new_session(path: Path, providers: Sequence[str], threads: int, *, shared_arena: bool = False):
     """An InferenceSession for one member file, set up for low memory and a fixed thread count.
 
-    By default a session has no memory arena, so a small model's process stays small.
-    ``shared_arena`` is for large networks whose sessions come and go (streamed nnU-Net
-    folds): their activations, hundreds of MB per pass, then reuse one process-wide arena
-    instead of fresh pages that the kernel must fault in and zero on every pass.
+    By default a session has no memory arena. ``shared_arena`` makes it use one
+    process-wide arena: large networks whose sessions come and go (streamed nnU-Net folds)
+    then reuse their activations' pages, hundreds of MB per pass, instead of fresh pages
+    that the kernel must fault in and zero on every pass; the slice ensemble's members,
+    whose calls run on several threads, share a few calls' worth of buffers.
     """
     ort = _ort()
     opts = ort.SessionOptions()
-    # the arena keeps the largest batch's buffers for the life of the process; off keeps RSS low
+    # an arena keeps the largest call's buffers for the life of the process
     opts.enable_cpu_mem_arena = shared_arena
     if shared_arena:
         _register_shared_arena(ort)
@@ -140,51 +145,95 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 class Ensemble:
-    """The ONNX members of one model, ready to run. Build once, call for every volume."""
+    """The ONNX members of one model, ready to run. Build once, call for every volume.
+
+    On CPU, each ONNX Runtime call covers a few slices (about :data:`CPU_CALL_PIXELS`
+    input pixels, flips included) and runs on one thread, and ``threads`` calls run side by
+    side: a small U-Net's activations then stay in a core's cache, nothing is allocated
+    anew per call, and the cores never wait for each other inside an operator. Results do
+    not depend on how slices are grouped into calls, and each slice's members are summed in
+    member order, so the output is the same bit for bit whatever the call size or thread count.
+    """
 
     def __init__(self, spec: ModelSpec, *, device: str = "auto", threads: int | None = None, tta: bool = True):
         self.spec = spec
         self.providers = providers_for(device)
         self.threads = bounded_threads(threads)
-        self.sessions = [get_session(p, self.providers, self.threads) for p in spec.member_paths()]
+        self.on_cpu = self.providers[0] == "CPUExecutionProvider"
+        # CPU: parallel across calls, one thread each; GPU: ONNX Runtime's own threads, large calls
+        session_threads = 1 if self.on_cpu else self.threads
+        self.workers = self.threads if self.on_cpu else 1
+        self.call_pixels = CPU_CALL_PIXELS if self.on_cpu else PIXELS_PER_CALL
+        # one arena for all members: calls are small, so it stays at a few calls' activations, where
+        # malloc's per-thread heaps grow (125 vs 200 MB after 12 volumes on 2 threads)
+        self.sessions = [get_session(p, self.providers, session_threads, shared_arena=self.on_cpu)
+                         for p in spec.member_paths()]
         self.flips = flip_sets(spec.tta_flip_axes) if tta else [()]
         self.provider = self.sessions[0].get_providers()[0]
+        self._pool = None
 
-    def _run_member(self, sess, batch: np.ndarray, flips: list[tuple[int, ...]]) -> np.ndarray:
-        # all flips of a chunk go through the network as one batch: fewer, larger calls are faster
-        views = [np.flip(batch, axis=tuple(a + 2 for a in f)) if f else batch for f in flips]
-        out = sess.run(["logits"], {"image": np.ascontiguousarray(np.concatenate(views))})[0]
-        prob = _foreground(out, self.spec.activation)
+    def _map(self, fn, items: list) -> Iterator:
+        """``map(fn, items)`` in order, on ``workers`` threads (ONNX Runtime releases the GIL)."""
+        if self.workers == 1 or len(items) == 1:
+            return map(fn, items)
+        if self._pool is None or self._pool[0] != os.getpid():  # a forked child has none of the threads
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = (os.getpid(), ThreadPoolExecutor(self.workers, thread_name_prefix="sct_deepseg_epi-infer"))
+        return self._pool[1].map(fn, items)
+
+    def _run_member(self, sess, batch: np.ndarray, flips: list[tuple[int, ...]],
+                    known: np.ndarray | None = None) -> np.ndarray:
+        """One member's flip-averaged probability for ``batch``; ``known``: its unflipped one, already computed."""
+        todo = flips[1:] if known is not None else flips  # flips[0] is the identity
         n = batch.shape[0]
-        acc = np.zeros_like(prob[:n])
+        prob = None
+        if todo:  # all flips of a chunk go through the network in one call
+            views = [np.flip(batch, axis=tuple(a + 2 for a in f)) if f else batch for f in todo]
+            image = np.ascontiguousarray(views[0] if len(views) == 1 else np.concatenate(views))
+            prob = _foreground(sess.run(["logits"], {"image": image})[0], self.spec.activation)
+        acc = np.zeros((n,) + batch.shape[2:], np.float32)
         for i, f in enumerate(flips):
-            p = prob[i * n:(i + 1) * n]
+            if known is not None:
+                p = known if i == 0 else prob[(i - 1) * n:i * n]
+            else:
+                p = prob[i * n:(i + 1) * n]
             acc += np.flip(p, axis=tuple(a + 1 for a in f)) if f else p
         return acc / len(flips)
 
-    def predict(self, batch: np.ndarray, quick: bool = False) -> Probabilities:
+    def slices_per_call(self, shape_hw: tuple[int, int], n_flips: int) -> int:
+        return max(1, self.call_pixels // (shape_hw[0] * shape_hw[1] * n_flips))
+
+    def predict(self, batch: np.ndarray, quick: bool = False, first: np.ndarray | None = None) -> Probabilities:
         """(Z, C, H, W) -> mean probability and member disagreement (std), each (Z, H, W).
 
-        ``quick`` runs the first member alone without flips: a cheap pass to find the cord.
+        ``quick`` runs the first member alone without flips: a cheap pass to find the cord
+        (its disagreement is not computed). ``first`` is that pass's probability for this
+        same batch, when there is one: the first member's unflipped call is then not run again.
         """
         if batch.ndim != 4 or batch.shape[1] != self.spec.in_channels:
             raise ModelError(f"model {self.spec.ref} expects (Z, {self.spec.in_channels}, H, W) input, got {batch.shape}")
         sessions = self.sessions[:1] if quick else self.sessions
         flips = [()] if quick else self.flips
         z = batch.shape[0]
-        # slices per call: large enough to keep the cores busy on small regions, small enough
-        # to bound activation memory on large fields of view
-        chunk = max(1, PIXELS_PER_CALL // (batch.shape[2] * batch.shape[3] * len(flips)))
+        chunk = self.slices_per_call(batch.shape[2:], len(flips))
+        calls = [(s, m) for s in range(0, z, chunk) for m in range(len(sessions))]  # members in order per slice
+
+        def run(call: tuple[int, int]) -> np.ndarray:
+            s, m = call
+            known = first[s:s + chunk] if first is not None and m == 0 and not quick else None
+            return self._run_member(sessions[m], batch[s:s + chunk], flips, known)
+
         mean = np.zeros((z,) + batch.shape[2:], np.float32)
         sq = np.zeros_like(mean)
-        for s in range(0, z, chunk):
-            part = batch[s:s + chunk]
-            for sess in sessions:
-                p = self._run_member(sess, part, flips)
-                mean[s:s + chunk] += p
+        for (s, _), p in zip(calls, self._map(run, calls)):
+            mean[s:s + chunk] += p
+            if not quick:
                 sq[s:s + chunk] += p * p
         k = len(sessions)
         mean /= k
+        if quick:
+            return Probabilities(mean, sq)
         std = np.sqrt(np.maximum(sq / k - mean * mean, 0)).astype(np.float32)
         return Probabilities(mean, std)
 
@@ -206,24 +255,32 @@ class SliceBackend:
 
         None (run the whole field) when nothing is found or the region would cover most of it.
         """
+        return self._localise(prep)[0]
+
+    def _localise(self, prep: Prepared) -> tuple[tuple[slice, slice] | None, np.ndarray]:
+        """(:meth:`localise`'s region, the quick pass's probability on ``prep.batch``)."""
         quick = self.ensemble.predict(prep.batch, quick=True).probability
         (a0, a1), (b0, b1) = prep.pad
         found = quick[:, a0:quick.shape[1] - a1, b0:quick.shape[2] - b1] >= self.localise_at
         roi = roi_around(np.moveaxis(found, 0, 2), self.spec, prep.model_xy, ROI_MARGIN_MM)
         if roi is None or (roi[0].stop - roi[0].start) * (roi[1].stop - roi[1].start) > 0.6 * np.prod(prep.model_xy):
-            return None
-        return roi
+            return None, quick
+        return roi, quick
 
     def predict(self, data_ras: np.ndarray, vol: Volume, *, region: tuple[slice, slice] | None = None,
                 localise: bool = False, timings: dict[str, float]) -> Probabilities:
         t0 = time.perf_counter()
-        prep = prepare(data_ras, vol.zooms, self.spec, roi=region)
+        grid = model_volume(data_ras, vol.zooms, self.spec)
+        prep = prepare_from(grid, self.spec, roi=region)
         t1 = time.perf_counter()
+        first = None
         if region is None and localise:
-            region = self.localise(prep)
-            if region is not None:
-                prep = prepare(data_ras, vol.zooms, self.spec, roi=region)
-        out = self.ensemble.predict(prep.batch)
+            region, quick = self._localise(prep)
+            if region is None:  # the whole field after all: the quick pass was the first member's identity call
+                first = quick
+            else:
+                prep = prepare_from(grid, self.spec, roi=region)
+        out = self.ensemble.predict(prep.batch, first=first)
         prob = np.clip(restore(out.probability, prep), 0, 1)
         dis = restore(out.disagreement, prep)
         t2 = time.perf_counter()

@@ -152,6 +152,34 @@ def roi_around(mask_ras: np.ndarray, spec: ModelSpec, model_xy: tuple[int, int],
     return out[0], out[1]
 
 
+@dataclass(frozen=True)
+class ModelVolume:
+    """A volume resampled in-plane to the model grid and normalised: what every region of it is cut from."""
+
+    data: np.ndarray  # (X', Y', Z) on the model grid
+    native_xy: tuple[int, int]
+    model_xy: tuple[int, int]
+    fill: float  # the padding value: the normalised image's minimum
+
+
+def model_volume(vol_ras: np.ndarray, zooms: tuple[float, float, float], spec: ModelSpec,
+                 model_xy: tuple[int, int] | None = None) -> ModelVolume:
+    """Resample in-plane to the model spacing and normalise over the whole image."""
+    native_xy = (int(vol_ras.shape[0]), int(vol_ras.shape[1]))
+    if model_xy is None:
+        model_xy = check_model_grid(vol_ras.shape, zooms, spec.spacing_mm)
+    vol = normalise(resample_inplane(vol_ras, model_xy), spec.normalisation)
+    return ModelVolume(vol, native_xy, tuple(model_xy), float(vol.min()))  # type: ignore[arg-type]
+
+
+def prepare_from(grid: ModelVolume, spec: ModelSpec, roi: tuple[slice, slice] | None = None) -> Prepared:
+    """Stack slices and pad to the size multiple, on the whole field or a region of it."""
+    vol = grid.data if roi is None else grid.data[roi[0], roi[1]]
+    pad = (_pad_amounts(vol.shape[0], spec.size_multiple), _pad_amounts(vol.shape[1], spec.size_multiple))
+    vol = np.pad(vol, (pad[0], pad[1], (0, 0)), mode="constant", constant_values=grid.fill)
+    return Prepared(slice_stack(vol, spec.context_slices), grid.native_xy, grid.model_xy, pad, roi)
+
+
 def prepare(vol_ras: np.ndarray, zooms: tuple[float, float, float], spec: ModelSpec,
             model_xy: tuple[int, int] | None = None, roi: tuple[slice, slice] | None = None) -> Prepared:
     """Resample in-plane to the model spacing, normalise, stack slices, pad to the size multiple.
@@ -159,16 +187,7 @@ def prepare(vol_ras: np.ndarray, zooms: tuple[float, float, float], spec: ModelS
     ``roi`` (model-grid slices, see :func:`roi_around`) restricts the network input to a
     region after normalising the whole image, so intensities match a full-field run.
     """
-    native_xy = (int(vol_ras.shape[0]), int(vol_ras.shape[1]))
-    if model_xy is None:
-        model_xy = check_model_grid(vol_ras.shape, zooms, spec.spacing_mm)
-    vol = normalise(resample_inplane(vol_ras, model_xy), spec.normalisation)
-    fill = float(vol.min())
-    if roi is not None:
-        vol = vol[roi[0], roi[1]]
-    pad = (_pad_amounts(vol.shape[0], spec.size_multiple), _pad_amounts(vol.shape[1], spec.size_multiple))
-    vol = np.pad(vol, (pad[0], pad[1], (0, 0)), mode="constant", constant_values=fill)
-    return Prepared(slice_stack(vol, spec.context_slices), native_xy, model_xy, pad, roi)
+    return prepare_from(model_volume(vol_ras, zooms, spec, model_xy), spec, roi)
 
 
 def restore(maps: np.ndarray, prep: Prepared) -> np.ndarray:

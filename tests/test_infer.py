@@ -77,3 +77,76 @@ def test_broken_onnx_file(tmp_path):
     spec = load_manifest(folder)
     with pytest.raises(ModelError, match="cannot load"):
         Ensemble(spec, device="cpu")
+
+
+class _Counting:
+    """A session that counts its calls and the pixels it was given."""
+
+    def __init__(self, sess):
+        self.sess, self.calls, self.pixels = sess, 0, 0
+
+    def run(self, names, feeds):
+        self.calls += 1
+        self.pixels += feeds["image"].shape[0] * feeds["image"].shape[2] * feeds["image"].shape[3]
+        return self.sess.run(names, feeds)
+
+    def get_providers(self):
+        return self.sess.get_providers()
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_quick_pass_reused_as_the_first_members_identity_call(tmp_path, tta):
+    spec = load_manifest(make_model_folder(tmp_path / "m", members=((2.0, -1.0), (0.5, 0.3), (1.0, 0.0))))
+    ens = Ensemble(spec, device="cpu", threads=2, tta=tta)
+    x = np.random.default_rng(0).standard_normal((5, 1, 16, 24)).astype(np.float32)
+    x[:, :, :, :3] += 4  # asymmetric, so that flips matter
+    plain = ens.predict(x)
+    quick = ens.predict(x, quick=True).probability
+    ens.sessions = [_Counting(s) for s in ens.sessions]
+    reused = ens.predict(x, first=quick)
+    assert np.array_equal(reused.probability, plain.probability)
+    assert np.array_equal(reused.disagreement, plain.disagreement)
+    # the first member ran only its flipped views (nothing at all without flips)
+    assert ens.sessions[0].pixels == (x.shape[0] * 16 * 24 if tta else 0)
+    assert ens.sessions[1].pixels == x.shape[0] * 16 * 24 * len(ens.flips)
+
+
+def test_results_do_not_depend_on_call_size_or_threads(tmp_path):
+    spec = load_manifest(make_model_folder(tmp_path / "m", members=((2.0, -1.0), (0.5, 0.3))))
+    x = np.random.default_rng(1).standard_normal((7, 1, 24, 16)).astype(np.float32)
+    ref = Ensemble(spec, device="cpu", threads=1).predict(x)
+    for threads, pixels in ((1, 1), (2, 24 * 16 * 2 * 3), (3, 1 << 19)):
+        ens = Ensemble(spec, device="cpu", threads=threads)
+        ens.call_pixels = pixels
+        ens.sessions = [_Counting(s) for s in ens.sessions]
+        out = ens.predict(x)
+        assert np.array_equal(out.probability, ref.probability) and np.array_equal(out.disagreement, ref.disagreement)
+        per_call = max(1, pixels // (24 * 16 * 2))
+        assert ens.sessions[0].calls == -(-7 // per_call)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_ensemble_on_threads_of_its_own(tmp_path):
+    import multiprocessing
+
+    global _INHERITED
+    spec = load_manifest(make_model_folder(tmp_path / "m", members=((2.0, -1.0), (0.5, 0.3))))
+    ens = Ensemble(spec, device="cpu", threads=2)
+    ens.call_pixels = 1  # a call per slice: several calls, so the thread pool is used
+    x = np.random.default_rng(2).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    want = ens.predict(x).probability  # the parent's pool exists before the fork
+    _INHERITED = (ens, x)
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_predict_inherited).get(timeout=60)
+    finally:
+        _INHERITED = None
+    assert np.array_equal(got, want)
+
+
+_INHERITED = None
+
+
+def _predict_inherited():
+    ens, x = _INHERITED
+    return ens.predict(x).probability

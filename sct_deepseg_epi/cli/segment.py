@@ -62,6 +62,27 @@ def _list_models() -> int:
     return 0
 
 
+class _VolumeBar:
+    """``-4d each`` on a terminal: a bar of volumes done, their rate and the time left (as batch shows runs)."""
+
+    def __init__(self, verbosity: int):
+        self.bar = None
+        self.tty = sys.stderr.isatty() and verbosity >= 1
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.tty:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="vol", desc="volumes", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int:
     parser = parser or get_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -71,7 +92,6 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
             parser.error("-list-models lists the models and exits; it cannot be combined with -i")
         return _list_models()
     from .. import api
-    from ..registry import download
 
     options = options_from_args(args) if args.i is not None else None
     disagreement = args.disagreement
@@ -90,6 +110,7 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
                       [args.i])
     model = args.model
     if args.custom_url:
+        from ..registry import download
         from ..registry.fetch import split_checksum
 
         url, sha = split_checksum(args.custom_url)
@@ -116,8 +137,12 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
                              "no output was kept") from None
         log.info("QC report: %s", report)
 
-    result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=disagreement, options=options,
-                     then=qc_report if backend else None)
+    bar = _VolumeBar(args.v)
+    try:
+        result = api.run(args.i, args.o, model=model, soft=args.soft, disagreement=disagreement, options=options,
+                         then=qc_report if backend else None, progress=bar)
+    finally:
+        bar.close()
     log.info("wrote %s (%d cord voxels, %.2f s)", result.mask, result.provenance["cord_voxels"],
              result.provenance["timings_s"]["total"])
     return 0

@@ -153,3 +153,24 @@ def test_a_postprocess_option_reaches_flags_mask_and_sidecar(tiny_model, blob_fi
     a, b = (np.asarray(nib.load(str(p)).dataobj) for p in (plain, grown))
     assert b.sum() > a.sum() and np.all(b[a > 0] == 1)
     assert json.loads(grown.with_name("grown_seg.json").read_text())["postprocess"]["dilate"] == 1
+
+
+def test_4d_each_progress_bar_on_a_terminal(tiny_model, tmp_path, capsys, monkeypatch):
+    img, _ = blob_image(n_volumes=5)
+    path = tmp_path / "bold.nii.gz"
+    nib.save(img, str(path))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["-i", str(path), "-model", "tiny", "-4d", "each"]) == 0
+    err = capsys.readouterr().err
+    assert "5/5" in err and ("vol/s" in err or "s/vol" in err)  # volumes done and their rate
+    assert "<" in err  # elapsed<remaining
+    assert main(["-i", str(path), "-model", "tiny", "-4d", "each", "-v", "0"]) == 0
+    assert "vol" not in capsys.readouterr().err  # quiet: no bar
+
+
+def test_4d_each_no_bar_off_a_terminal(tiny_model, tmp_path, capsys):
+    img, _ = blob_image(n_volumes=3)
+    path = tmp_path / "bold.nii.gz"
+    nib.save(img, str(path))
+    assert main(["-i", str(path), "-model", "tiny", "-4d", "each"]) == 0
+    assert "vol/s" not in capsys.readouterr().err and "s/vol" not in capsys.readouterr().err
