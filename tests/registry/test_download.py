@@ -2,68 +2,19 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
-import io
 import json
 import multiprocessing
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import make_model_folder
+from loopback import server, zip_folder  # noqa: F401 (server is a fixture)
 
 from sct_deepseg_epi.errors import DownloadError, IntegrityError, ModelError
 from sct_deepseg_epi.registry import download, fetch, store
 from sct_deepseg_epi.registry.manifest import load_manifest
-
-
-class Server:
-    """A loopback HTTP server serving in-memory files; counts requests and can fail on purpose."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.fail: dict[str, list[int]] = {}  # path -> status codes to answer first
-        self.hits: dict[str, int] = {}
-        self.truncate: set[str] = set()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.hits[self.path] = outer.hits.get(self.path, 0) + 1
-                pending = outer.fail.get(self.path)
-                if pending:
-                    self.send_response(pending.pop(0))
-                    self.end_headers()
-                    return
-                body = outer.files.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if self.path in outer.truncate else body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
 
 
 @pytest.fixture(autouse=True)
@@ -71,12 +22,6 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(fetch, "BACKOFF", 0.01)
 
 
-def zip_folder(folder: Path, prefix: str = "") -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in sorted(folder.iterdir()):
-            z.write(f, prefix + f.name)
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -10,20 +10,16 @@ exercise the same write-failure paths without privileges.
 """
 from __future__ import annotations
 
-import http.server
-import io
 import os
 import resource
 import signal
 import subprocess
 import sys
-import threading
-import time
 import uuid
-import zipfile
 from pathlib import Path
 
 import pytest
+from loopback import Server, server, zip_folder  # noqa: F401 (re-exported for the test modules)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,78 +30,6 @@ def one_line_error(capsys) -> str:
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith(("error:", "sct_deepseg_epi")), err
     return err[0]
-
-
-def zip_folder(folder: Path, prefix: str = "") -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in sorted(folder.iterdir()):
-            z.write(f, prefix + f.name)
-    return buf.getvalue()
-
-
-class Server:
-    """A loopback (127.0.0.1) HTTP server: plain files, and bodies that trickle or hang on purpose."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.trickle: dict[str, float] = {}  # path -> seconds between single bytes
-        self.hang: set[str] = set()          # send the headers, then nothing
-        self.delay: dict[str, float] = {}    # path -> seconds to wait before answering
-        self.hits: dict[str, int] = {}
-        self._stop = threading.Event()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.hits[self.path] = outer.hits.get(self.path, 0) + 1
-                body = outer.files.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                if self.path in outer.delay:
-                    time.sleep(outer.delay[self.path])
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    if self.path in outer.hang:
-                        self.wfile.flush()
-                        outer._stop.wait(60)
-                    elif self.path in outer.trickle:
-                        for b in body:
-                            self.wfile.write(bytes([b]))
-                            self.wfile.flush()
-                            if outer._stop.wait(outer.trickle[self.path]):
-                                return
-                    else:
-                        self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        class Httpd(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-
-        self.httpd = Httpd(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self._stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
 
 
 def _mount(path: Path, options: str) -> bool:
