@@ -47,7 +47,7 @@ def _threshold(text: str) -> float:
     v = float(text)
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError("must be in [0, 1); -thr 0 (the soft map instead of a mask) "
-                                         "is an alias of -soft 1")
+                                         "is an alias of -output probability")
     return v
 
 
@@ -93,7 +93,10 @@ class Options:
     as in SCT, is kept as an alias of it). Bad values raise :class:`OptionError`.
     """
 
-    output: Output = "mask"
+    output: Output = field(default="mask", metadata=_flag(
+        "-output", None, None, "What the main output file holds: the binary mask, or the ensemble's soft "
+        "probability map (float32; -thr 0, as in SCT, is an alias of -output probability). Default: mask.",
+        choices=("mask", "probability")))
     threshold: float | None = field(default=None, metadata=_flag(
         "-thr", "<float>", _threshold, "Binarisation threshold on the ensemble probability (default: the model's)."))
     method: str | None = field(default=None, metadata=_flag(

@@ -27,7 +27,8 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
     o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input.")
     add_engine_flags(o, change={"threshold": {"help": "Binarisation threshold on the ensemble probability "
                                                       "(default: the model's). 0 writes the soft probability map "
-                                                      "instead of a mask (as in SCT)."}})
+                                                      "instead of a mask (as in SCT): an alias of -output "
+                                                      "probability."}})
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the soft probability map as IN_seg_soft.nii.gz.")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,

@@ -174,3 +174,20 @@ def test_4d_each_no_bar_off_a_terminal(tiny_model, tmp_path, capsys):
     nib.save(img, str(path))
     assert main(["-i", str(path), "-model", "tiny", "-4d", "each"]) == 0
     assert "vol/s" not in capsys.readouterr().err and "s/vol" not in capsys.readouterr().err
+
+
+def test_output_probability_is_the_soft_map_and_thr_0_its_alias(tiny_model, blob_file, tmp_path):
+    path, _ = blob_file
+    prob, alias = tmp_path / "prob_seg.nii.gz", tmp_path / "alias_seg.nii.gz"
+    assert main(["-i", str(path), "-o", str(prob), "-model", "tiny", "-threads", "1", "-output", "probability"]) == 0
+    assert main(["-i", str(path), "-o", str(alias), "-model", "tiny", "-threads", "1", "-thr", "0"]) == 0
+    a, b = (nib.load(str(p)) for p in (prob, alias))
+    assert a.get_data_dtype() == np.float32 and np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    assert len(np.unique(np.asarray(a.dataobj))) > 2  # a soft map, not a mask
+    assert json.loads(prob.with_name("prob_seg.json").read_text())["output"] == "probability"
+
+
+def test_batch_refuses_output_probability_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["batch", "/nonexistent", "-output", "probability"])
+    assert exc.value.code == 2
