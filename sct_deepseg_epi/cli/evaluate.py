@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ._parser import Parser, setup_logging
 
+_DERIVED = ("_soft", "_disagreement")
 _SUFFIX_RE = re.compile(r"_(seg|mask|pred|label)([-_][A-Za-z0-9]+)*$", re.IGNORECASE)
 
 
@@ -54,7 +55,9 @@ def match_pairs(pred: Path, ref: Path) -> list[tuple[Path, Path]]:
         return [(pred, ref)]
     if pred.is_dir() != ref.is_dir():
         raise InputError(f"-pred {pred} and -ref {ref} must both be files or both be folders")
-    preds = sorted(f for f in pred.rglob("*") if f.is_file() and has_nifti_suffix(f))
+    # the maps written beside a mask (-soft, -disagreement) are not predictions of their own
+    preds = sorted(f for f in pred.rglob("*") if f.is_file() and has_nifti_suffix(f)
+                   and not _stem(f).endswith(_DERIVED))
     refs = sorted(f for f in ref.rglob("*") if f.is_file() and has_nifti_suffix(f))
     by_stem = {_stem(r): r for r in refs}
     by_key: dict[str, list[Path]] = {}

@@ -78,3 +78,16 @@ def test_orientation_is_handled(tmp_path, masks):
     out = tmp_path / "m.json"
     assert main(["evaluate", "-pred", str(p), "-ref", str(r), "-o", str(out)]) == 0
     assert json.loads(out.read_text())["volumes"][0]["dice"] == 1.0
+
+
+def test_folder_maps_beside_the_masks_are_not_predictions(tmp_path, masks):
+    pred, ref = masks
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    save(tmp_path / "p" / "sub-01_bold_seg.nii.gz", pred)
+    save(tmp_path / "p" / "sub-01_bold_seg_soft.nii.gz", ref)  # -soft 1 writes these beside the mask
+    save(tmp_path / "p" / "sub-01_bold_seg_disagreement.nii.gz", ref)
+    save(tmp_path / "r" / "sub-01_bold_seg-manual.nii.gz", ref)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "-pred", str(tmp_path / "p"), "-ref", str(tmp_path / "r"), "-o", str(out)]) == 0
+    assert [round(v["dice"], 4) for v in json.loads(out.read_text())["volumes"]] == [round(8 / 15, 4)]
