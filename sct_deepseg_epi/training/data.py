@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..preprocess import _pad_amounts, prepare, resample_inplane
+from ..preprocess import prepare, resample_inplane
 from ..read import has_nifti_suffix, read_volume, strip_nifti_suffix
 from ..registry.manifest import ModelSpec
 from ..registry.store import sha256_file
@@ -242,14 +242,6 @@ def build_set(sources: list[Source], n_volumes: int, seed: int, spec: ModelSpec,
     y = np.round(np.concatenate([r[1] for r in results]) * 255).astype(np.uint8)
     sid = np.concatenate([np.full(len(r[0]), r[2], np.int16) for r in results])
     return x, y, sid
-
-
-def pad_to_multiple(batch: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Pad (N, C, H, W) so H and W are multiples (the engine's prepare already does; for safety)."""
-    h, w = batch.shape[2:]
-    a = _pad_amounts(h, multiple)
-    b = _pad_amounts(w, multiple)
-    return np.pad(batch, ((0, 0), (0, 0), a, b), constant_values=float(batch.min())), (*a, *b)
 
 
 def save_sources(sources: list[Source], path: Path | str) -> None:
