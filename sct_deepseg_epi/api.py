@@ -24,9 +24,8 @@ from .backend import Backend, backend_for
 from .confidence import sidecar_block, slice_report, to_native
 from .errors import IntegrityError, ModelError
 from .options import Options
-from .outputs import OutputSet, check_output
+from .outputs import OutputSet, check_suffix
 from .postprocess import PostOptions, finish
-from .preprocess import check_model_grid
 from .read import Volume, from_image, read_volume
 from .registry import store
 from .registry.manifest import ModelSpec, load_manifest
@@ -144,8 +143,6 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
     volumes are run on the full field.
     """
     timings = {} if timings is None else timings
-    if spec.backend.kind == "slices":
-        check_model_grid(vol.data.shape, vol.zooms, spec.spacing_mm, vol.source)  # before any allocation
     backend = backend_for(spec, options)
     post = options.post(spec)
     if not (vol.is_4d and options.mode_4d == "each"):
@@ -254,8 +251,11 @@ _MAPS = {"mask": ("mask", np.uint8), "soft": ("probability", np.float32), "disag
 
 def run_targets(input_path: str | Path, output: str | Path | None = None, *, soft: bool = False,
                 disagreement: bool = False, options: Options | None = None) -> dict[str, Path]:
-    """Every file :func:`run` would write, by role (mask, soft, disagreement, sidecar)."""
-    out = check_output(output or default_output(input_path), [input_path], role="mask")
+    """Every file :func:`run` would write, by role (mask, soft, disagreement, sidecar).
+
+    Only the names: :func:`~sct_deepseg_epi.outputs.check_outputs` checks them against the inputs.
+    """
+    out = check_suffix(output or default_output(input_path))
     targets = {"mask": out}
     if soft and (options or Options()).output != "probability":
         targets["soft"] = derived_path(out, "_soft")

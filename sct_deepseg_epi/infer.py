@@ -270,7 +270,7 @@ class SliceBackend:
     def predict(self, data_ras: np.ndarray, vol: Volume, *, region: tuple[slice, slice] | None = None,
                 localise: bool = False, timings: dict[str, float]) -> Probabilities:
         t0 = time.perf_counter()
-        grid = model_volume(data_ras, vol.zooms, self.spec)
+        grid = model_volume(data_ras, vol.zooms, self.spec, source=vol.source)
         prep = prepare_from(grid, self.spec, roi=region)
         t1 = time.perf_counter()
         first = None

@@ -127,12 +127,17 @@ def refuse_nesting(folder: Path | str, inputs: Iterable[Path | str], role: str =
 def check_output(path: Path | str, inputs: Iterable[Path | str] = (), *, role: str = "output",
                  suffixes: tuple[str, ...] | None = NIFTI_SUFFIXES) -> Path:
     """Refuse an output that would overwrite an input or cannot be written, before any work is done."""
+    return check_outputs({role: check_suffix(path, suffixes)}, inputs)[role]
+
+
+def check_suffix(path: Path | str, suffixes: tuple[str, ...] | None = NIFTI_SUFFIXES) -> Path:
+    """Refuse an output file name without one of ``suffixes`` (None: any name)."""
     out = Path(path)
     if suffixes and not str(out).endswith(suffixes):
         if suffixes == NIFTI_SUFFIXES:
             raise InputError(f"{out}: output must be a .nii or .nii.gz file name")
         raise InputError(f"{out}: output must end in {' or '.join(suffixes)}")
-    return check_outputs({role: out}, inputs)[role]
+    return out
 
 
 def write_error(path: Path | str, exc: OSError) -> InputError:

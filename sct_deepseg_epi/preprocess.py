@@ -163,11 +163,15 @@ class ModelVolume:
 
 
 def model_volume(vol_ras: np.ndarray, zooms: tuple[float, float, float], spec: ModelSpec,
-                 model_xy: tuple[int, int] | None = None) -> ModelVolume:
-    """Resample in-plane to the model spacing and normalise over the whole image."""
+                 model_xy: tuple[int, int] | None = None, source: str = "<image>") -> ModelVolume:
+    """Resample in-plane to the model spacing and normalise over the whole image.
+
+    The model grid is checked before anything is resampled (:func:`check_model_grid`);
+    ``source`` names the image in that error.
+    """
     native_xy = (int(vol_ras.shape[0]), int(vol_ras.shape[1]))
     if model_xy is None:
-        model_xy = check_model_grid(vol_ras.shape, zooms, spec.spacing_mm)
+        model_xy = check_model_grid(vol_ras.shape, zooms, spec.spacing_mm, source)
     vol = normalise(resample_inplane(vol_ras, model_xy), spec.normalisation)
     return ModelVolume(vol, native_xy, tuple(model_xy), float(vol.min()))  # type: ignore[arg-type]
 
