@@ -32,7 +32,6 @@ the others, and the real series (correct on every slice) raise no flag. numpy on
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -49,10 +48,11 @@ class ConfidenceRules:
         return {"version": RULES_VERSION, **asdict(self)}
 
 
-def _neighbour_median(areas: np.ndarray, k: int) -> float:
-    below = [a for a in areas[:k][::-1] if a > 0][:2]
-    above = [a for a in areas[k + 1:] if a > 0][:2]
-    near = below + above
+def neighbour_median(areas: dict[int, float], z: int) -> float:
+    """Median area of the nearest slices with cord (keys of ``areas``): up to two on each side of ``z``."""
+    below = sorted((k for k in areas if k < z), reverse=True)[:2]
+    above = sorted(k for k in areas if k > z)[:2]
+    near = [areas[k] for k in below + above]
     return float(np.median(near)) if near else float("nan")
 
 
@@ -69,6 +69,7 @@ def slice_report(mask: np.ndarray, probability: np.ndarray, disagreement: np.nda
     counts = m.reshape(-1, n_z).sum(0)
     areas = counts * float(zooms[0]) * float(zooms[1])
     has = np.flatnonzero(counts)
+    cord_areas = {int(k): float(areas[k]) for k in has}
     rows = []
     for k in range(n_z):
         reasons = []
@@ -81,7 +82,7 @@ def slice_report(mask: np.ndarray, probability: np.ndarray, disagreement: np.nda
                 reasons.append("low_probability")
             if md is not None and md > rules.max_mean_disagreement:
                 reasons.append("disagreement")
-            ref = _neighbour_median(areas, k)
+            ref = neighbour_median(cord_areas, k)
             if not np.isnan(ref) and abs(areas[k] - ref) > rules.max_area_change * ref:
                 reasons.append("area_jump")
             if float(inside.max()) < threshold:

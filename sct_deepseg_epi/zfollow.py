@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .confidence import neighbour_median
 from .ndimage import label
 from .postprocess import fill_holes
 
@@ -91,21 +92,17 @@ class ZFollowResult:
 
 
 def _components(prob: np.ndarray, t: float, zooms) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """In-plane components of ``prob >= t`` with per-component z, area, mass, max and centroid (mm)."""
+    """In-plane components of ``prob >= t`` with per-component z, area and centroid (mm)."""
     lab, n = label(prob >= t, full=True, axes=(0, 1))
     if n == 0:
-        return lab, {k: np.zeros(0) for k in ("z", "area", "mass", "max", "cx", "cy")}
+        return lab, {k: np.zeros(0) for k in ("z", "area", "cx", "cy")}
     idx = np.flatnonzero(lab)
     lv = lab.ravel()[idx]
-    pv = prob.ravel()[idx]
     x, y, z = np.unravel_index(idx, lab.shape)
     cnt = np.bincount(lv, minlength=n + 1)[1:].astype(float)
-    mx = np.zeros(n + 1)
-    np.maximum.at(mx, lv, pv)
     zc = np.zeros(n + 1, np.int64)
     zc[lv] = z
-    stats = {"z": zc[1:], "area": cnt * zooms[0] * zooms[1], "mass": np.bincount(lv, pv, n + 1)[1:],
-             "max": mx[1:], "cx": np.bincount(lv, x, n + 1)[1:] / cnt * zooms[0],
+    stats = {"z": zc[1:], "area": cnt * zooms[0] * zooms[1], "cx": np.bincount(lv, x, n + 1)[1:] / cnt * zooms[0],
              "cy": np.bincount(lv, y, n + 1)[1:] / cnt * zooms[1]}
     return lab, stats
 
@@ -155,14 +152,6 @@ def _fit_centreline(zs: np.ndarray, pts: np.ndarray, n_z: int, dz: float, o: ZFo
         b = np.clip(b, -o.slope * dz, o.slope * dz)  # per slice
         out[k] = pm + b * (k - zm)
     return out
-
-
-def _local_median(kept_area: dict[int, float], z: int) -> float:
-    """Median area of the nearest kept slices: up to two on each side of ``z``."""
-    below = sorted((k for k in kept_area if k < z), reverse=True)[:2]
-    above = sorted(k for k in kept_area if k > z)[:2]
-    near = [kept_area[k] for k in below + above]
-    return float(np.median(near)) if near else float("nan")
 
 
 def _hysteresis(prob2: np.ndarray, centre: np.ndarray, radius: float, ref_area: float, zooms,
@@ -227,8 +216,7 @@ def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions()) ->
     # members much smaller than their chain neighbours are specks on the path, not cord
     areas = {int(st["z"][i]): float(st["area"][i]) for i in members}
     members = [i for i in members
-               if not areas[int(st["z"][i])] < opts.min_area_ratio * _local_median(
-                   {k: v for k, v in areas.items() if k != int(st["z"][i])}, int(st["z"][i]))] or members
+               if not areas[int(st["z"][i])] < opts.min_area_ratio * neighbour_median(areas, int(st["z"][i]))] or members
     zs = st["z"][members].astype(float)
     pts = np.stack([st["cx"][members], st["cy"][members]], 1)
     line = _fit_centreline(zs, pts, n_z, zooms[2], opts)
@@ -251,7 +239,7 @@ def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions()) ->
     def attempt(k: int, beyond_mm: float, shift: np.ndarray, bridge: bool) -> np.ndarray | None:
         """Keep slice k if it passes; returns the offset of its centroid from the centreline."""
         radius = opts.tolerance_mm * min(2.0, 1.0 + 0.2 * beyond_mm / opts.tolerance_mm)
-        got = _hysteresis(prob[:, :, k], line[k] + shift, radius, _local_median(kept_area, k), zooms, opts,
+        got = _hysteresis(prob[:, :, k], line[k] + shift, radius, neighbour_median(kept_area, k), zooms, opts,
                           opts.floor if bridge else opts.low)
         if got is None:
             return None
