@@ -268,7 +268,7 @@ def run_targets(input_path: str | Path, output: str | Path | None = None, *, sof
 def run(input_path: str | Path, output: str | Path | None = None, *, model: str | Path | ModelSpec = store.DEFAULT_MODEL,
         soft: bool = False, disagreement: bool = False, options: Options | None = None,
         then: Callable[[RunResult], Any] | None = None, progress: Callable[[int, int], None] | None = None,
-        **choices) -> RunResult:
+        input_sha256: str | None = None, **choices) -> RunResult:
     """Segment a file and write ``*_seg.nii.gz`` (+ sidecar, optional soft/disagreement maps).
 
     ``options.output == "probability"`` writes the soft probability map as the main
@@ -279,7 +279,8 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
     are written to temporaries and renamed together at the end, so no output appears unless
     everything succeeded. ``then`` (a QC report, say) runs after the renames; if it fails,
     the run's files are removed again and its error raised. ``progress(done, total)`` is
-    called after each volume of a ``-4d each`` series.
+    called after each volume of a ``-4d each`` series. ``input_sha256``: the input's checksum
+    for the sidecar, when the caller has already computed it (else the file is hashed).
     """
     options = _options(options, choices)
     t0 = time.perf_counter()
@@ -324,7 +325,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         _warn_if_empty(warnings, vol.source, n_cord)
         timings["total"] = time.perf_counter() - t0
         prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
-                          n_cord, input_sha256=store.sha256_file(input_path),
+                          n_cord, input_sha256=input_sha256 or store.sha256_file(input_path),
                           outputs={k: Path(targets[k]).name for k in maps_to_write},
                           confidence=sidecar_block(reports, vol.to_ras))
         save_json(prov, targets["sidecar"], tmp=outputs.temp("sidecar"))

@@ -196,6 +196,7 @@ def _segment_locked(job: Job, rec: Record) -> None:
                          "is not fetched? run: datalad get)")
     extras = list(out.extras(job.soft, job.disagreement))
     check_regular_file(job.run.path)  # before hashing: reading a FIFO would wait forever
+    input_sha = None
     if not job.overwrite and out.sidecar.is_file():  # hash the input only when there is a result to compare
         try:
             input_sha = file_sha256(job.run.path)
@@ -215,7 +216,7 @@ def _segment_locked(job: Job, rec: Record) -> None:
     work = Path(tempfile.mkdtemp(prefix=f".{job.run.stem}.", suffix=".work", dir=out.folder))
     try:
         res = api.run(job.run.path, work / "mask.nii.gz", model=job.model, soft=job.soft,
-                      disagreement=job.disagreement, options=options)
+                      disagreement=job.disagreement, options=options, input_sha256=input_sha)
         input_sha = res.provenance["input"]["sha256"]
         volume, with_cord, n_slices, n_frames = mask_stats(res.mask)
         flagged = len(res.provenance["slice_flags"]["flagged"])
