@@ -33,7 +33,7 @@ import numpy as np
 from nibabel.orientations import io_orientation
 
 from .errors import EpiSegError, InputError
-from .outputs import check_output, check_outputs, refuse_overwrite
+from .outputs import check_folder, check_output, check_outputs, refuse_nesting, refuse_overwrite
 from .read import load_nifti, strip_nifti_suffix
 from .write import like, save_nifti
 
@@ -332,9 +332,20 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     # every file a step writes, against every input, before the folder is made or a step runs
     written = {f.name: getattr(out, f.name) for f in fields(out)
                if isinstance(getattr(out, f.name), Path) and not (f.name == "mean_seg" and seg is not None)}
-    refuse_overwrite(written, [bold, seg, *warps, *tpl.values()])
+    inputs = [bold, seg, *warps, *tpl.values()]
+    refuse_overwrite(written, inputs)
+    # sct_warp_template writes a whole copy of the template under label/
+    refuse_nesting(folder / "label", inputs, role="template copy (label/)")
+    if qc:
+        check_folder(qc, inputs, role="QC folder")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    check_outputs({k: v for k, v in written.items() if k != "levels"})  # sct_warp_template makes label/
+    try:
+        check_outputs({k: v for k, v in written.items() if k != "levels"})
+    except InputError:
+        if created:  # a failed check leaves nothing behind
+            folder.rmdir()
+        raise
     steps = _Steps(folder, force, run_command)
     qc_args = ["-qc", str(Path(qc).resolve())] if qc else []
     qc_args += (["-qc-dataset", qc_dataset] if qc and qc_dataset else []) + (["-qc-subject", qc_subject] if qc and qc_subject else [])

@@ -80,8 +80,9 @@ def _check_outputs(args) -> None:
         return
     out = Path(args.o)
     written = {"model folder": out, "manifest": out / "manifest.json", "model card": out / "README.md",
-               **{f"member {i}": out / f"member{i}.onnx" for i in range(max(args.members, 1))}}
-    refuse_overwrite(written, inputs)
+               **{f"member {i}": out / f"member{i}.onnx" for i in range(max(args.members, 1))},
+               **({"checkpoint": Path(args.checkpoint)} if args.checkpoint else {})}
+    refuse_overwrite(written, inputs)  # the checkpoint may not be a file of the model folder either
     check_folder(out, inputs, role="model folder")
     if args.checkpoint:
         check_output(args.checkpoint, inputs, role="checkpoint", suffixes=None)

@@ -106,6 +106,44 @@ def test_fmri_pipeline_warp_in_the_output_folder(fake_sct, pam50, series, capsys
     assert w1.read_bytes() == b"warp" and not fake_sct.exists()
 
 
+def test_fmri_pipeline_template_inside_its_label_copy(fake_sct, pam50, series, tmp_path, capsys):
+    """sct_warp_template writes the whole template under OFOLDER/label: the template may not live there."""
+    out = pam50.parent / "out"
+    (out / "label").mkdir(parents=True)
+    moved = out / "label" / "PAM50"
+    pam50.rename(moved)
+    before = digest(moved / "template" / "PAM50_t2s.nii.gz")
+    assert main(["fmri-pipeline", "-i", str(series), "-ofolder", str(out), "-model", "tiny",
+                 "-template", str(moved)]) == 1
+    assert "template copy (label/)" in one_line_error(capsys)
+    assert digest(moved / "template" / "PAM50_t2s.nii.gz") == before and not fake_sct.exists()
+
+
+def test_fmri_pipeline_qc_folder_is_an_input(fake_sct, pam50, series, capsys):
+    assert main(["fmri-pipeline", "-i", str(series), "-model", "tiny", "-template", str(pam50),
+                 "-qc", str(series)]) == 1
+    assert "QC folder" in one_line_error(capsys)
+    assert not fake_sct.exists()
+
+
+def test_fmri_pipeline_failed_check_leaves_no_new_folder(fake_sct, pam50, series, capsys):
+    out = series.parent / "derivatives"
+    long_stem = "f" * 240
+    long_input = series.parent / f"{long_stem}.nii.gz"
+    series.rename(long_input)
+    assert main(["fmri-pipeline", "-i", str(long_input), "-ofolder", str(out), "-model", "tiny",
+                 "-template", str(pam50)]) == 1
+    assert "file name is" in one_line_error(capsys)
+    assert not out.exists() and not fake_sct.exists()
+
+
+def test_train_checkpoint_inside_the_model_folder(tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main(["train", "-data", str(tmp_path), "-o", str(out), "-checkpoint", str(out / "member0.onnx")]) == 1
+    assert "would be written twice" in one_line_error(capsys)
+    assert not out.exists()
+
+
 def test_train_output_is_the_model_it_fine_tunes(tmp_path, model_root, capsys):
     folder = make_model_folder(tmp_path / "mine", name="mine")
     before = {p.name: digest(p) for p in folder.iterdir()}
