@@ -7,11 +7,12 @@ writes for such a model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+
+from sct_deepseg_epi.registry.store import sha256_file
 
 
 def make_fold(path: Path, seed: int, ndim: int = 3, n_out: int = 2) -> Path:
@@ -62,7 +63,7 @@ def make_nnunet_folder(folder: Path, *, ndim: int = 3, folds: int = 2, name: str
     members = []
     for f in range(folds):
         p = make_fold(folder / f"fold_{f}.onnx", seed=100 + f, ndim=ndim)
-        members.append({"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        members.append({"file": p.name, "sha256": sha256_file(p),
                         "size": p.stat().st_size})
     d = {
         "schema_version": 1, "name": name, "version": version, "description": "tiny nnU-Net-layout test model",

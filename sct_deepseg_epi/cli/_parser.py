@@ -40,12 +40,12 @@ def add_engine_flags(group, *, skip: tuple[str, ...] = (), change: dict[str, dic
             group.add_argument(kw.pop("name"), dest=name, default=None, **{k: v for k, v in kw.items() if v is not None})
 
 
-def options_from_args(args: argparse.Namespace, **fixed):
+def options_from_args(args: argparse.Namespace):
     """The Options that the parsed flags of :func:`add_engine_flags` choose (unset flags: the defaults)."""
     from ..options import Options, flag_specs
 
     return Options(**{name: getattr(args, name) for name, _ in flag_specs()
-                      if getattr(args, name, None) is not None}, **fixed)
+                      if getattr(args, name, None) is not None})
 
 
 def setup_logging(verbosity: int) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from .._optional import require
 from ..errors import ModelError
 from ..registry import download
-from ..registry.manifest import load_manifest, write_manifest
+from ..registry.manifest import SCHEMA_VERSION, load_manifest, write_manifest
 from ..registry.store import sha256_file
 from ..outputs import check_folder, refuse_nesting
 from .recipe import CONVENTIONS, IMAGE_READERS, NORMALISATIONS, axcodes_from_sct, valid_axcodes
@@ -389,7 +389,7 @@ def _manifest(plans: dict, dataset: dict, recipe: dict, configuration: str, trai
         nnunet_version = getattr(nnunetv2, "__version__", "unknown")
     labels = ", ".join(f"{k}={v}" for k, v in dataset.get("labels", {}).items())
     return {
-        "schema_version": 2, "name": name, "version": version,
+        "schema_version": SCHEMA_VERSION, "name": name, "version": version,
         "description": f"nnU-Net v2 {configuration} model imported from {plans.get('dataset_name', '?')} "
                        f"({len(members)} fold(s); labels {labels})",
         "license": "", "citation": "",

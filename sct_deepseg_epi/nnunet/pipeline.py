@@ -23,8 +23,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 
 from ..backend import Probabilities
 from ..errors import ModelError
-from ..infer import bounded_threads, get_session, new_session, providers_for
-from ..ndimage import fill_holes
+from ..infer import bounded_threads, flip_sets, get_session, new_session, providers_for
+from ..ndimage import bbox, fill_holes
 from ..preprocess import check_grid
 from ..registry.manifest import ModelSpec
 from .recipe import ChannelNorm, NnunetRecipe
@@ -84,11 +84,7 @@ def model_view(data_ras: np.ndarray, vol, recipe: NnunetRecipe) -> tuple[np.ndar
 def nonzero_box(arr: np.ndarray) -> tuple[slice, ...]:
     """Bounding box of the non-zero voxels (the whole array if there are none)."""
     nz = arr != 0
-    box = []
-    for ax in range(arr.ndim):
-        hit = np.flatnonzero(nz.any(axis=tuple(i for i in range(arr.ndim) if i != ax)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, arr.shape[ax]))
-    return tuple(box)
+    return bbox(nz) if nz.any() else tuple(slice(0, n) for n in arr.shape)
 
 
 def filled_nonzero(arr: np.ndarray) -> np.ndarray:
@@ -128,11 +124,6 @@ def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(np.float32(0), -x)).astype(np.float32)
-
-
-def mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
-    """The identity and every combination of the mirror axes."""
-    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
 def _half(a: np.ndarray) -> np.ndarray:
@@ -241,7 +232,7 @@ def predict_reader_array(sessions: Iterable, arr: np.ndarray, spacing: Sequence[
     data = normalise(data, norm, mask)[None]
     data = resample(data, new_shape, spacing_t, target, recipe.resampling_data, recipe.anisotropy_threshold)
     t1 = time.perf_counter()
-    mirrors = mirror_sets(recipe.mirror_axes) if mirror else [()]
+    mirrors = flip_sets(recipe.mirror_axes) if mirror else [()]
     regions = recipe.has_regions
     half = recipe.blend_precision == "float16"
     per_fold = sliding_window(sessions, data, recipe.patch_size, recipe.step_size, mirrors, recipe.num_outputs,

@@ -161,7 +161,7 @@ def train(args: argparse.Namespace, command: str) -> Path:
                  "mask_sha256": s.meta.get("mask_sha256", ""), "fold": folds.get(s.name, "")} for s in sources]
     training = {"command": train_command, "config": cfg.as_dict(), "device": train_device, "seconds": round(train_seconds, 1),
                 "notes": "simulation + training of all members", "sources": src_rows,
-                "members": [{k: v for k, v in h.items()} for h in results_meta],
+                "members": [dict(h) for h in results_meta],
                 "parameters_per_member": count_parameters(models[0]),
                 "init_model": args.init_model}
     if args.from_checkpoint:
@@ -170,8 +170,7 @@ def train(args: argparse.Namespace, command: str) -> Path:
                   "git_commit": _git_commit()}
     description = ("Spinal cord segmentation for axial gradient-echo EPI (BOLD fMRI): ensemble of small 2D U-Nets "
                    "trained on EPI simulated from anatomical T2*w/T2/MT/T1 volumes.")
-    spec_final = spec
-    path, diffs = write_model(models, Path(args.o), spec_final, name=args.name, version=args.version,
+    path, diffs = write_model(models, Path(args.o), spec, name=args.name, version=args.version,
                               description=description, training=training, metrics=metrics_out,
                               provenance=provenance)
     card = model_card(name=args.name, version=args.version, spec=load_manifest(Path(args.o)), training=training,
