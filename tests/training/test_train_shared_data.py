@@ -13,16 +13,25 @@ pytestmark = pytest.mark.data
 MODEL = Path(__file__).resolve().parents[2] / "models" / "seg_sc_epi" / "0.1.0"
 
 
+def manifest_labels(data: Path) -> list[str]:
+    """Cord-mask files of the train-source rows of MANIFEST.tsv (what discover must pair), read independently."""
+    rows = [line.split("\t") for line in (data / "MANIFEST.tsv").read_text().splitlines()[1:] if line.strip()]
+    return [r[0] for r in rows if r[2] == "train-source" and ("_seg" in r[0] or "_mask" in r[0]) and "gmseg" not in r[0]]
+
+
 def test_discover_shared_manifest(shared_data):
     pairs = discover(shared_data)
     names = [p.mask.name for p in pairs]
-    assert len(pairs) == 21 and not any("gmseg" in n for n in names)
+    labels = manifest_labels(shared_data)
+    assert len(labels) >= 22  # the spine-generic subject included
+    assert sorted(str(p.mask.relative_to(shared_data)) for p in pairs) == sorted(labels)
+    assert not any("gmseg" in n for n in names)
     assert all(p.role == "train-source" and len(p.sha256) == 64 for p in pairs)
     # two subjects were scanned twice; the sct-errsm subjects hold 2 contrasts each (3 of them)
-    assert len({p.group for p in pairs}) == 16
+    assert len({p.group for p in pairs}) == len(labels) - 5
     # every label is paired with the image in its own folder (stems such as t2 repeat)
     assert all(p.image.parent == p.mask.parent for p in pairs)
-    assert len(set(unique_names(pairs))) == 21
+    assert len(set(unique_names(pairs))) == len(pairs)
     assert not any("epi/" in str(p.image) for p in pairs)  # the validation series is not trained on
 
 
@@ -50,7 +59,11 @@ def test_shipped_model_on_real_epi_series(shared_data):
 
 def test_heldout_subjects_are_not_training_sources(shared_data):
     sources, pairs = load_sources(shared_data, exclude_groups=HELDOUT_GROUPS)
-    assert len(sources) == 18 and not any(p.group in HELDOUT_GROUPS for p in pairs)
+    held = [f for f in manifest_labels(shared_data) if any(f"/{g}/" in f for g in HELDOUT_GROUPS)]
+    assert len(held) == 3
+    assert len(sources) == len(manifest_labels(shared_data)) - len(held)
+    assert not any(p.group in HELDOUT_GROUPS for p in pairs)
+    assert any("spine-generic" in str(p.image) for p in pairs)
     assert all(s.meta["group"] not in HELDOUT_GROUPS for s in sources)
     # the sagittal T2w (PSR on disk) is resliced axially: RAS, 1 mm, long along z
     t2 = next(s for s in sources if s.name == "errsm_11/t2")
