@@ -40,6 +40,13 @@ def get_parser() -> Parser:
                    help="Simulated stacks per member for the held-out simulated score. Default: 240.")
     o.add_argument("-patch", type=int, default=None, help="Training patch size (pixels on the model grid). Default: 96.")
     o.add_argument("-widths", default=None, help="U-Net widths per level, comma-separated. Default: 8,16,24,32.")
+    o.add_argument("-top-convs", type=int, choices=(1, 2), default=None,
+                   help="3x3 convolutions per block at full resolution. Default: 1.")
+    o.add_argument("-loss", choices=("dice_bce", "dice_bce_boundary"), default="dice_bce",
+                   help="Training loss; dice_bce_boundary weights the BCE up on the cord's edge. Default: dice_bce.")
+    o.add_argument("-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="Forward pass precision (bf16: autocast, much faster on CPUs with AMX/AVX-512 BF16 "
+                        "and on GPUs; weights and export stay fp32). Default: fp32.")
     o.add_argument("-spacing", type=float, default=None, help="In-plane model spacing in mm. Default: 1.0.")
     o.add_argument("-context", type=int, default=None, help="Neighbouring slices per side as channels. Default: 0 (2D).")
     o.add_argument("-lr", type=float, default=None, help="Peak learning rate. Default: 3e-3 (5e-4 when fine-tuning).")

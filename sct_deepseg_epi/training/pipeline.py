@@ -59,7 +59,7 @@ def resolve_init(ref: str) -> Path:
 def configure(args: argparse.Namespace) -> tuple[TrainConfig, list | None]:
     """The training configuration the flags ask for, and the starting weights when fine-tuning."""
     cfg = TrainConfig(workers=args.workers, threads=args.threads, device=args.device, seed=args.seed,
-                      members=args.members)
+                      members=args.members, loss=args.loss, precision=args.precision)
     init_states = None
     if args.init_model:
         folder = resolve_init(args.init_model)
@@ -73,6 +73,8 @@ def configure(args: argparse.Namespace) -> tuple[TrainConfig, list | None]:
         log.info("fine-tuning %s (%d members) from %s", ispec.ref, len(init_states), folder)
     if args.widths:
         cfg = replace(cfg, net=replace(cfg.net, widths=tuple(int(w) for w in args.widths.split(","))))
+    if args.top_convs is not None:
+        cfg = replace(cfg, net=replace(cfg.net, top_convs=args.top_convs))
     if args.spacing is not None:
         cfg = replace(cfg, spacing_mm=args.spacing)
     if args.context is not None:
