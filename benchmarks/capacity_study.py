@@ -187,6 +187,62 @@ def timed(folders: dict[str, Path], runs: int) -> dict[str, dict]:
                 "peak_mib": max(t[2] for t in v)} for k, v in times.items() if k != "floor"}
 
 
+def assemble(rows: list[str], study: Path, data: Path, out: Path, *, name: str, version: str,
+             notes: str, command: str) -> Path:
+    """One model folder from the first member of several study rows (members may differ in
+    width, depth and loss: the engine runs each member's own graph; the input contract must
+    be the same). Each member keeps its row's training record; the sources are hashed here."""
+    import hashlib
+    import shutil
+
+    from sct_deepseg_epi import __version__
+    from sct_deepseg_epi.registry.manifest import SCHEMA_VERSION, load_manifest, spec_to_dict, write_manifest
+    from sct_deepseg_epi.registry.store import sha256_file
+    from sct_deepseg_epi.training.data import HELDOUT_GROUPS, discover
+    from sct_deepseg_epi.training.export import model_card
+
+    specs = [load_manifest(study / slug(r) / "model") for r in rows]
+    contract = [{k: v for k, v in spec_to_dict(sp)["backend"].items()} for sp in specs]
+    if any(c != contract[0] for c in contract):
+        raise SystemExit("assemble: the rows' input contracts differ; they cannot share one ensemble")
+    out.mkdir(parents=True, exist_ok=False)
+    members, recs, diffs = [], [], []
+    for i, (row, sp) in enumerate(zip(rows, specs)):
+        f = out / f"member{i}.onnx"
+        shutil.copyfile(sp.member_paths()[0], f)
+        members.append({"file": f.name, "sha256": sha256_file(f), "size": f.stat().st_size})
+        tr = sp.extra["training"]
+        res = json.loads((study / slug(row) / "result.json").read_text())
+        recs.append({"row": row, "config": tr["config"], "parameters": res["parameters"], "history": tr["history"],
+                     "seconds": tr["seconds"], "study_scores": res["accuracy"], "train_sources": tr["sources"],
+                     "heldout_sources": [], "fold": None})
+        diffs.append(sp.extra["provenance"]["parity_max_abs_diff"])
+    pairs = [p for p in discover(data) if p.group not in HELDOUT_GROUPS]
+    src_rows = [{"name": p.name, "image": str(p.image.relative_to(data)), "sha256": p.sha256,
+                 "mask_sha256": hashlib.sha256(p.mask.read_bytes()).hexdigest(), "fold": "all"} for p in pairs]
+    first = specs[0].extra["training"]
+    training = {"command": command, "config": first["config"], "device": first["device"],
+                "seconds": round(sum(r["seconds"] for r in recs), 1),
+                "notes": "members are study rows (benchmarks/capacity_study.py), each trained once on every source",
+                "sources": src_rows, "members": recs,
+                "parameters_per_member": [r["parameters"] for r in recs], "init_model": None}
+    import torch
+
+    provenance = {"package_version": __version__, "torch": torch.__version__,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parity_max_abs_diff": max(diffs)}
+    d = spec_to_dict(specs[0])
+    d.update(schema_version=SCHEMA_VERSION, name=name, version=version, members=members, training=training,
+             metrics={"study_rows": {r["row"]: r["study_scores"] for r in recs}}, provenance=provenance,
+             description=("Spinal cord segmentation for axial gradient-echo EPI (BOLD fMRI): ensemble of 2D U-Nets of "
+                          "different widths and losses, trained on EPI simulated from anatomical T2*w/T2/MT/T1 volumes."))
+    write_manifest(d, out)
+    spec = load_manifest(out)
+    (out / "README.md").write_text(model_card(name=name, version=version, spec=spec, training=training, metrics={},
+                                              provenance=provenance, parity_diffs=diffs, sources=src_rows, notes=notes),
+                                   encoding="utf-8")
+    return out
+
+
 def markdown(results: dict[str, dict]) -> str:
     lines = ["| row | parameters | train s (CPU) | held-out Dice mean / worst, missed | sct-example Dice (worst slice) "
              "| brightlab-nw Dice (worst slice) | 128x128x24 s, x floor, peak MiB |",
@@ -214,8 +270,21 @@ def main(argv=None) -> int:
     p.add_argument("-threads", type=int, default=2)
     p.add_argument("-runs", type=int, default=3, help="timed runs per row (0: no timing)")
     p.add_argument("-table", default=None, help="also write the markdown table here")
+    p.add_argument("-assemble", action="append", choices=list(ROWS),
+                   help="with -model-out: write a model folder whose members are these rows' members, then stop")
+    p.add_argument("-model-out", default=None)
+    p.add_argument("-name", default="seg_sc_epi")
+    p.add_argument("-version", default="0.0.0")
+    p.add_argument("-card-notes", default=None)
     p.add_argument("-speed-only", default=None, help=argparse.SUPPRESS)  # internal: JSON {row: folder}
     a = p.parse_args(argv)
+    if a.assemble:
+        notes = Path(a.card_notes).read_text(encoding="utf-8") if a.card_notes else ""
+        cmd = "python benchmarks/capacity_study.py " + " ".join(f"-assemble '{r}'" for r in a.assemble) + \
+            f" -model-out {a.model_out} -name {a.name} -version {a.version}"
+        print(assemble(a.assemble, Path(a.o), Path(a.data), Path(a.model_out), name=a.name, version=a.version,
+                       notes=notes, command=cmd))
+        return 0
     if a.speed_only:
         print(json.dumps(timed({k: Path(v) for k, v in json.loads(a.speed_only).items()}, a.runs)))
         return 0

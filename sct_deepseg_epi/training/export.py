@@ -142,7 +142,17 @@ def model_card(*, name: str, version: str, spec: ModelSpec, training: dict, metr
           "- ONNX/torch parity (max abs logit difference on random inputs): "
           + ", ".join(f"{d:.2e}" for d in parity_diffs) + ".", ""]
     net = training.get("config", {}).get("net", {})
-    L += ["## Architecture", "", f"2D U-Net, widths {net.get('widths')}, {net.get('top_convs')} conv(s) per full-resolution block,"
+    rows = [m for m in training.get("members", []) if "row" in m]
+    if rows:  # members of different architectures (assembled from study rows)
+        L += ["## Architecture", "", "2D U-Nets, BatchNorm folded into the convolutions, ReLU, max-pooling,"
+              " transposed-convolution upsampling; one member each:", "",
+              "| member | widths | convs at full resolution | loss | epochs | parameters |", "|---|---|---|---|---|---|"]
+        L += [f"| {i} ({m['row']}) | {m['config']['net']['widths']} | {m['config']['net']['top_convs']} |"
+              f" {m['config'].get('loss', 'dice_bce')} | {m['config']['epochs']} | {m['parameters']} |"
+              for i, m in enumerate(rows)]
+        L += [""]
+    else:
+        L += ["## Architecture", "", f"2D U-Net, widths {net.get('widths')}, {net.get('top_convs')} conv(s) per full-resolution block,"
           " BatchNorm folded into the convolutions, ReLU, max-pooling, transposed-convolution upsampling,"
           f" {training.get('parameters_per_member', '?')} parameters per member.", ""]
     L += ["## Training data", "", "Anatomical volumes with manual cord masks (turned into EPI-like images by the simulator),"
