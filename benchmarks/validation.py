@@ -62,7 +62,9 @@ def scores(mask: np.ndarray, ref: np.ndarray) -> dict:
     det = metrics.detection(mask, ref)
     per = [metrics.dice(mask[:, :, k], ref[:, :, k]) for k in range(ref.shape[2])
            if mask[:, :, k].any() or ref[:, :, k].any()]
+    cord = [metrics.dice(mask[:, :, k], ref[:, :, k]) for k in range(ref.shape[2]) if ref[:, :, k].any()]
     return {"dice": metrics.dice(mask, ref), "slice_dice": float(np.mean(per)) if per else float("nan"),
+            "worst_slice": float(min(cord)) if cord else float("nan"),
             "missed": det["fn"], "fp_slices": det["fp"], "cord_slices": det["tp"] + det["fn"]}
 
 
@@ -150,6 +152,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def readme_table(rows: list[dict]) -> str:
+    """The README's validation table: one row per model x postprocessing (3d-largest, z-follow)."""
+    lines = ["| model, postprocessing | sct-example-2014 Dice (worst slice) | brightlab-nw Dice (worst slice) "
+             "| real EPI missed slices | held-out Dice mean / worst, missed slices |", "|---|---|---|---|---|"]
+    for model, post in dict.fromkeys((r["model"], r["post"]) for r in rows):
+        if post == "no-largest":
+            continue
+        sel = [r for r in rows if (r["model"], r["post"]) == (model, post)]
+        real = {r["image"]: r for r in sel if r["group"] == "real EPI"}
+        held = [r for r in sel if r["group"] == "held-out simulated"]
+        cells = [f"{r['dice']:.3f} ({r['worst_slice']:.3f})" if r else "-"
+                 for r in (real.get("sct-example-2014"), real.get("brightlab-nw (approx.)"))]
+        h = (f"{np.mean([r['dice'] for r in held]):.3f} / {min(r['dice'] for r in held):.3f}, "
+             f"{sum(r['missed'] for r in held)}" if held else "-")
+        lines.append(f"| {model.split('@')[-1]}, {'z' if post == 'z-follow' else '3d'} | {cells[0]} | {cells[1]} "
+                     f"| {sum(r['missed'] for r in real.values())} | {h} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-model", action="append", help="name[@version] or model folder; repeat to compare (default seg_sc_epi)")
@@ -158,7 +179,10 @@ def main(argv=None) -> int:
     p.add_argument("-stress", type=int, choices=(0, 1), default=1, help="add the stress stacks (module doc)")
     p.add_argument("-threads", type=int, default=1)
     p.add_argument("-o", default=None, help="also write the markdown here")
+    p.add_argument("-readme", action="store_true", help="print only the README's table (real and held-out, no stress)")
     a = p.parse_args(argv)
+    if a.readme:
+        a.stress = 0
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     data = Path(a.data)
     if not (data / "epi").is_dir():
@@ -176,7 +200,7 @@ def main(argv=None) -> int:
     rows = []
     for model in a.model or ["seg_sc_epi"]:
         rows += evaluate(model, images, a.threads)
-    text = "\n".join(notes + ([""] if notes else []) + [markdown(rows)])
+    text = readme_table(rows) if a.readme else "\n".join(notes + ([""] if notes else []) + [markdown(rows)])
     print(text)
     if a.o:
         Path(a.o).write_text(text + "\n")
