@@ -12,17 +12,18 @@ from ..options import yes_no  # noqa: F401 (the 0|1 flags' parser, for the comma
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line and exit 2, like SCT's."""
 
-    def __init__(self, prog: str, description: str, **kw):
+    def __init__(self, prog: str, description: str, *, version_flags: bool = True, **kw):
         super().__init__(prog=prog, description=description, add_help=False,
                          formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
         self.mandatory = self.add_argument_group("MANDATORY ARGUMENTS")
         self.optional = self.add_argument_group("OPTIONAL ARGUMENTS")
         self.misc = self.add_argument_group("MISC ARGUMENTS")
         self.misc.add_argument("-h", "-help", "--help", action="help", help="Show this help message and exit.")
-        # spelled out so that argparse matches it whole instead of reading "-v ersion"
-        self.misc.add_argument("-version", "--version", action=_Version, nargs=0,
-                               help="Print the package version, the default model and ONNX Runtime's "
-                                    "version and providers, and exit.")
+        if version_flags:  # off where -version is the version of a model the command makes
+            # spelled out so that argparse matches it whole instead of reading "-v ersion"
+            self.misc.add_argument("-version", "--version", action=_Version, nargs=0,
+                                   help="Print the package version, the default model and ONNX Runtime's "
+                                        "version and providers, and exit.")
         self.misc.add_argument("-v", metavar="<int>", type=int, choices=(0, 1, 2), default=1,
                                help="Verbosity: 0 = errors only, 1 = normal (default), 2 = debug.")
 

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 import sct_deepseg_epi
-from sct_deepseg_epi.cli import main
+from sct_deepseg_epi.cli import COMMANDS, main
 from sct_deepseg_epi.registry import store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,3 +41,13 @@ def test_changelog_top_section_is_the_package_version():
     assert m, f"the top section {top!r} is not '## VERSION - YYYY-MM-DD'"
     assert m.group(1) == sct_deepseg_epi.__version__
     assert "version = attr: sct_deepseg_epi.__version__" in (REPO / "setup.cfg").read_text()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_parser_builds_with_its_own_version_meaning(command):
+    """``train`` and ``import-nnunet`` keep ``-version`` for the model they write; the others print the package's."""
+    import importlib
+
+    parser = importlib.import_module(COMMANDS[command][0], "sct_deepseg_epi.cli").get_parser()
+    action = next(a for a in parser._actions if "-version" in a.option_strings)
+    assert ("--version" in action.option_strings) == (command not in ("train", "import-nnunet"))
