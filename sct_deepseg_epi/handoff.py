@@ -269,6 +269,27 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the folders made, outermost first."""
+    missing = []
+    f = folder
+    while not f.exists() and f != f.parent:
+        missing.append(f)
+        f = f.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # another run made it meanwhile: not ours to remove
+            continue
+        except OSError as exc:
+            for m in reversed(made):
+                m.rmdir()
+            raise InputError(f"{folder}: the output folder cannot be created ({exc.strerror or exc})") from None
+        made.append(d)
+    return made
+
+
 def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: Path | str | None = None,
                   model: str | Path = "seg_sc_epi", options=None, template: Path | str | None = None,
                   initwarp: Path | str | None = None, initwarpinv: Path | str | None = None,
@@ -338,13 +359,13 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     refuse_nesting(folder / "label", inputs, role="template copy (label/)")
     if qc:
         check_folder(qc, inputs, role="QC folder")
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    check_folder(folder, inputs)  # a read-only or file ancestor: one line, before any folder is made
+    made = _make_folders(folder)
     try:
         check_outputs({k: v for k, v in written.items() if k != "levels"})
     except InputError:
-        if created:  # a failed check leaves nothing behind
-            folder.rmdir()
+        for d in reversed(made):  # a failed check leaves no new folder behind, at any level
+            d.rmdir()
         raise
     steps = _Steps(folder, force, run_command)
     qc_args = ["-qc", str(Path(qc).resolve())] if qc else []

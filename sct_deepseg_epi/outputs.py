@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -33,9 +34,10 @@ def prove_writable(folder: Path | str) -> None:
 
     ``os.access`` says yes to root on a read-only mount, and nothing can be created under /proc.
     """
-    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
-    os.close(fd)
-    os.unlink(probe)
+    with signals_deferred():  # a signal in between would leave the probe behind
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
 
 
 def refuse_overwrite(targets: Mapping[str, Path | str], inputs: Iterable[Path | str]) -> None:
@@ -145,6 +147,37 @@ def write_error(path: Path | str, exc: OSError) -> InputError:
     return InputError(f"{path}: cannot be written ({exc.strerror or exc})")
 
 
+@contextmanager
+def signals_deferred():
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a temporary is created and recorded by its owner.
+
+    One handled in between would leave a file that no clean-up knows of; held, its handler runs
+    as soon as the block ends, when the file is recorded and removed like the others. Python
+    handlers run in the main thread whichever thread the kernel picks, so they are swapped
+    here rather than the signals blocked. Signals that kill outright (no handler) are left
+    alone: they leave temporaries as ``kill -9`` does, for the next run to remove.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread: they cannot interrupt this one
+        return
+    held: list[int] = []
+    replaced = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and callable(signal.getsignal(sig)):
+            replaced[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
+        if held:
+            replaced[held[0]](held[0], None)  # now: it raises (Ctrl-C, Terminated) with the file recorded
+
+
 def locked_temp(final: Path) -> tuple[Path, int]:
     """A temporary next to ``final``, locked while its writer lives (see :func:`remove_stale_parts`).
 
@@ -229,7 +262,8 @@ class OutputSet:
 
     def temp(self, role: str) -> Path:
         if role not in self._temps:
-            self._temps[role] = locked_temp(self.targets[role])
+            with signals_deferred():  # a signal lands before or after the temporary is recorded, not between
+                self._temps[role] = locked_temp(self.targets[role])
         return self._temps[role][0]
 
     def commit(self) -> dict[str, Path]:

@@ -18,8 +18,8 @@ Segment the spinal cord in every BOLD run of a BIDS dataset (sub-*/[ses-*/]func/
   DERIV/sub-*/[ses-*/]func/<entities>_desc-spinalcord_mask.nii.gz  (+ .json sidecar)
   DERIV/summary.tsv                    run, status, error, cord volume, slices with cord, seconds
 
-Reruns skip runs whose outputs match the input checksum, model and settings (-overwrite 1
-redoes them). A failed run is recorded and the others go on; the exit status is 1 if any
+Reruns skip runs whose outputs match the input checksum, model and settings and still have
+the checksums recorded when they were written (-overwrite 1 redoes them). A failed run is recorded and the others go on; the exit status is 1 if any
 run failed. Two batches on the same dataset share the work safely (a lock per run).
 """
 

@@ -16,7 +16,8 @@ def get_parser() -> Parser:
                "Needs the 'nnunet' extra (torch + nnunetv2) for the conversion only; the result runs\n"
                "with onnxruntime and numpy:  sct_deepseg_epi -i bold.nii.gz -model MODEL_DIR\n\n"
                "Example:\n"
-               "  sct_deepseg_epi import-nnunet https://.../model_seg_sc_epi_nnunet.zip -o ~/models/epi_nnunet")
+               "  sct_deepseg_epi import-nnunet https://.../model_seg_sc_epi_nnunet.zip -o ~/models/epi_nnunet",
+               version_flags=False)  # -version: the imported model's version
     p.mandatory.add_argument("source", metavar="PATH_OR_URL",
                              help="nnU-Net model folder, .zip/.tar.gz archive, or http(s):// URL of an archive.")
     p.mandatory.add_argument("-o", metavar="<folder>", required=True, help="Model folder to write.")

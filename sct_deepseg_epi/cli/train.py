@@ -21,7 +21,8 @@ from ._parser import Parser, setup_logging
 
 def get_parser() -> Parser:
     p = Parser("sct_deepseg_epi train", "Train (or fine-tune) an ensemble on labelled data and export it as a "
-               "checksummed model folder (ONNX members + manifest.json + model card).")
+               "checksummed model folder (ONNX members + manifest.json + model card).",
+               version_flags=False)  # -version: the trained model's version
     p.mandatory.add_argument("-data", metavar="<path>", required=True,
                              help="Labelled data: a BIDS folder or any tree of NIfTIs with *_seg*/*_mask* labels, "
                                   "a MANIFEST.tsv (path, role, sha256 columns; role train-source is used), or a "

@@ -15,7 +15,7 @@ def test_ten_thousand_threads_are_bounded(tiny_model, blob_file):
     """ONNX Runtime starts every thread it is given: 10000 used to run for minutes."""
     path, _ = blob_file
     proc = run_cli(["-i", str(path), "-model", "tiny", "-threads", "10000"],
-                   {"SCT_DEEPSEG_EPI_MODELS": os.environ["SCT_DEEPSEG_EPI_MODELS"]}, timeout=60)
+                   {"SCT_DEEPSEG_EPI_MODELS": os.environ["SCT_DEEPSEG_EPI_MODELS"]}, timeout=600)
     assert proc.returncode == 0, proc.stderr
     cpus = infer.default_threads()
     assert f"-threads 10000 is more than the {cpus} CPU(s) available to this process; using {cpus}" in proc.stderr
