@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .backend import Backend, backend_for
 from .confidence import sidecar_block, slice_report, to_native
-from .errors import IntegrityError, ModelError
+from .errors import IntegrityError, ModelError, OptionError
 from .options import Options
 from .outputs import OutputSet, check_suffix
 from .postprocess import PostOptions, finish
@@ -257,7 +257,10 @@ def run_targets(input_path: str | Path, output: str | Path | None = None, *, sof
     """
     out = check_suffix(output or default_output(input_path))
     targets = {"mask": out}
-    if soft and (options or Options()).output != "probability":
+    if soft and (options or Options()).output == "probability":  # refused rather than dropped unseen
+        raise OptionError("soft=True writes the soft map beside the mask, but output='probability' "
+                          "(threshold 0) makes it the main output already")
+    if soft:
         targets["soft"] = derived_path(out, "_soft")
     if disagreement:
         targets["disagreement"] = derived_path(out, "_disagreement")

@@ -51,6 +51,19 @@ def _threshold(text: str) -> float:
     return v
 
 
+def _whole(minimum: int) -> Callable[[str], int]:
+    """A flag's parser for whole numbers >= ``minimum``: refused at parse time (a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {v}")
+        return v
+    return parse
+
+
 def _size(text: str) -> str:
     try:
         parse_size(text)
@@ -112,7 +125,7 @@ class Options:
     remove_small: str | None = field(default=None, metadata=_flag(
         "-remove-small", "<N[vox|mm3]>", _size, "Remove objects smaller than N voxels or mm3 (default: the model's)."))
     dilate: int | None = field(default=None, metadata=_flag(
-        "-dilate", "<int>", int, "Grow the mask by N voxels in each axial slice, e.g. a margin for motion "
+        "-dilate", "<int>", _whole(0), "Grow the mask by N voxels in each axial slice, e.g. a margin for motion "
                                  "correction (default: the model's, 0)."))
     mode_4d: Mode4D = field(default="mean", metadata=_flag(
         "-4d", None, None, "4D input: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).",
@@ -127,7 +140,7 @@ class Options:
         "-roi", "<0|1>", yes_no, "Find the cord with a quick first pass, then run the ensemble on a region around "
                                  "it (default 1; 0 runs the ensemble on the whole field, slower)."))
     threads: int | None = field(default=None, metadata=_flag(
-        "-threads", "<int>", int, "CPU threads for inference (default: all CPUs available to this process)."))
+        "-threads", "<int>", _whole(1), "CPU threads for inference (default: all CPUs available to this process)."))
 
     def __post_init__(self):
         if self.threshold is not None and float(self.threshold) == 0:  # SCT's spelling of the soft map

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from ._parser import Parser, setup_logging, yes_no
+from ._parser import Parser, printable, setup_logging, yes_no
 
 
 def get_parser() -> Parser:
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             name=args.name, version=args.version, step_size=args.step, overwrite=args.overwrite,
                             convention=args.convention)
     except ImportError as exc:  # the 'nnunet' extra is missing: the message says what to install
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {printable(exc)}\n")
         return 1
     spec = load_manifest(out)
     recipe = spec.nnunet

@@ -11,8 +11,8 @@ log = logging.getLogger("sct_deepseg_epi")
 
 DESCRIPTION = """\
 Spinal cord segmentation for gradient-echo EPI (BOLD fMRI), with an ONNX ensemble.
-Writes IN_seg.nii.gz next to the input (uint8 mask on the input's own grid) and a JSON
-sidecar saying what produced it. 4D series: the temporal mean by default (-4d mean),
+Writes IN_seg.nii.gz next to the input (IN_seg.nii for a .nii input; a uint8 mask on the
+input's own grid) and a JSON sidecar saying what produced it. 4D series: the temporal mean by default (-4d mean),
 or every volume (-4d each, 4D mask).
 """
 
@@ -24,13 +24,14 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
     p = Parser(prog, description, epilog=commands_epilog() if epilog is None else epilog)
     p.mandatory.add_argument("-i", metavar="<file>", help="Input EPI image, 3D or 4D (.nii or .nii.gz).")
     o = p.optional
-    o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input.")
+    o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input (IN_seg.nii for a .nii input).")
     add_engine_flags(o, change={"threshold": {"help": "Binarisation threshold on the ensemble probability "
                                                       "(default: the model's). 0 writes the soft probability map "
                                                       "instead of a mask (as in SCT): an alias of -output "
                                                       "probability."}})
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
-                   help="Also write the soft probability map as IN_seg_soft.nii.gz.")
+                   help="Also write the soft probability map as IN_seg_soft.nii.gz, beside the mask (not with "
+                        "-thr 0 / -output probability, whose main output is that map already).")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the ensemble disagreement (std of members) as IN_seg_disagreement.nii.gz.")
     o.add_argument("-qc", metavar="<folder>",
@@ -94,7 +95,10 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
         return _list_models()
     from .. import api
 
-    options = options_from_args(args) if args.i is not None else None
+    options = options_from_args(args, parser) if args.i is not None else None
+    if options is not None and args.soft and options.output == "probability":
+        parser.error("-soft 1 writes the soft map beside the mask, but -thr 0 / -output probability makes "
+                     "the soft map the main output already; drop -soft 1 or choose a threshold")
     disagreement = args.disagreement
     backend = None
     if args.i is not None:
