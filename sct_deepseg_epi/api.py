@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: bool = True) -> ModelSpec:
     """Find a model (``name[@version]``, a model folder, or a spec) and verify its files.
 
+    A bare name that is no known model but an existing folder (``md`` for ``./md``) is that folder.
+
     A model that is not on disk is downloaded from its mirrors when ``install`` is true;
     a damaged copy in the cache is reinstalled, a damaged packaged copy is refused.
     """
@@ -45,7 +47,12 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
     elif isinstance(model, Path) or (isinstance(model, str) and ("/" in model or model.startswith("."))):
         spec = load_manifest(Path(model))
     else:
-        spec = store.resolve(model)
+        try:
+            spec = store.resolve(model)
+        except ModelError:
+            if not Path(model).is_dir():
+                raise
+            spec = load_manifest(Path(model))  # a model folder named without a slash: -model md for ./md
     if not store.is_complete(spec) or spec.directory is None:
         source = store.with_mirrors(spec)  # an installed copy's own manifest may not say where it came from
         if not install or not source.mirrors:
