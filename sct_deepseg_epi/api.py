@@ -125,7 +125,8 @@ class Segmentation:
 
     def provenance(self) -> dict[str, Any]:
         return provenance(self.model, self.options, self.provider, self.source, self.timings, self.warnings,
-                          int(np.count_nonzero(np.asarray(self.mask.dataobj))), confidence=self.confidence)
+                          int(np.count_nonzero(np.asarray(self.mask.dataobj))), confidence=self.confidence,
+                          backend=backend_for(self.model, self.options))
 
 
 def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: PostOptions,
@@ -215,13 +216,17 @@ def _warn_if_empty(warnings: list[str], source: str, cord_voxels: int) -> None:
 
 def provenance(spec: ModelSpec, options: Options, provider: str, source: str, timings: dict[str, float],
                warnings: list[str], cord_voxels: int, input_sha256: str | None = None,
-               outputs: dict[str, str] | None = None, confidence: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took."""
+               outputs: dict[str, str] | None = None, confidence: dict[str, Any] | None = None,
+               backend: Backend | None = None) -> dict[str, Any]:
+    """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took.
+
+    ``backend`` (the one that ran) adds its kind's own fields to the ``model`` record.
+    """
     post = asdict(options.post(spec))
     d: dict[str, Any] = {
         "GeneratedBy": [{"Name": "sct_deepseg_epi", "Version": __version__}],
         "model": {"name": spec.name, "version": spec.version, "backend": spec.backend.kind,
-                  **({"convention": spec.nnunet.convention} if spec.nnunet is not None else {}),
+                  **(backend.provenance() if backend is not None else {}),
                   "members": [{"file": m.file, "sha256": m.sha256} for m in spec.members]},
         "provider": provider,
         "output": options.output,
@@ -334,10 +339,11 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         warnings = list(vol.warnings)
         _warn_if_empty(warnings, vol.source, n_cord)
         timings["total"] = time.perf_counter() - t0
-        prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
+        backend = backend_for(spec, options)
+        prov = provenance(spec, options, backend.provider, str(input_path), timings, warnings,
                           n_cord, input_sha256=input_sha256 or store.sha256_file(input_path),
                           outputs={k: Path(targets[k]).name for k in maps_to_write},
-                          confidence=sidecar_block(reports, vol.to_ras))
+                          confidence=sidecar_block(reports, vol.to_ras), backend=backend)
         save_json(prov, targets["sidecar"], tmp=outputs.temp("sidecar"))
     outputs.commit()
     result = RunResult(out, targets["sidecar"], {k: targets[k] for k in maps_to_write if k != "mask"}, prov)
