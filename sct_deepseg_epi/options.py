@@ -51,6 +51,45 @@ def _threshold(text: str) -> float:
     return v
 
 
+REPORT_NAME_MAX = 100  # bytes (UTF-8) of a -qc-dataset / -qc-subject name
+
+
+def check_report_name(value: str, flag: str) -> str:
+    """A QC dataset or subject name: shown in the report and part of its file names, so a name, never a path.
+
+    Refused: empty, ``.``, ``..``, a slash or backslash, control characters (NUL, newline...)
+    and more than :data:`REPORT_NAME_MAX` bytes.
+    """
+    import unicodedata
+
+    why = None
+    if not isinstance(value, str) or not value.strip():
+        why = "is empty"
+    elif value in (".", ".."):
+        why = "is a folder reference"
+    elif "/" in value or "\\" in value:
+        why = "holds a path separator"
+    elif any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in value):
+        why = "holds control characters"
+    elif len(value.encode("utf-8", "surrogateescape")) > REPORT_NAME_MAX:
+        why = f"is longer than {REPORT_NAME_MAX} bytes"
+    if why:
+        shown = repr(value if len(value) <= 60 else value[:60] + "...")
+        raise OptionError(f"{flag}: {shown} {why}; it must be a plain name (letters, digits, '-', '_'), "
+                          "not a path")
+    return value
+
+
+def report_name(flag: str) -> Callable[[str], str]:
+    """The argparse type of ``-qc-dataset``/``-qc-subject``: a bad name is a usage error (exit 2)."""
+    def parse(text: str) -> str:
+        try:
+            return check_report_name(text, flag)
+        except OptionError as exc:  # argparse names the flag itself
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
+    return parse
+
+
 def _whole(minimum: int) -> Callable[[str], int]:
     """A flag's parser for whole numbers >= ``minimum``: refused at parse time (a usage error, exit 2)."""
     def parse(text: str) -> int:

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import base64
 import datetime
+import fcntl
+import hashlib
 import html
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -32,8 +35,12 @@ import numpy as np
 from nibabel.orientations import apply_orientation
 
 from .errors import InputError
-from .read import load_nifti, read_volume, strip_nifti_suffix
-from .write import atomic_path, like, save_nifti, sidecar_path
+from .options import check_report_name
+from .outputs import OutputSet, check_outputs, make_folders, remove_folders
+from .read import load_nifti, one_line, read_volume, strip_nifti_suffix
+from .write import like, save_nifti, sidecar_path
+
+log = logging.getLogger(__name__)
 
 CROP_MM = 32.0        # width of each slice's crop around the cord
 PIXELS_PER_MM = 4.0   # display scale (nearest neighbour: each voxel stays a visible block)
@@ -191,11 +198,11 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
     for v in volumes:
         for sl in v["slices"]:
             sl["flag"] = flags.get(sl["z"])
-    resolved = image.resolve()
+    dataset, subject, key = report_names(image, dataset, subject)
     return {
-        "key": f"{subject or resolved.parent.parent.name}/{image.name}",
-        "dataset": dataset or resolved.parent.parent.parent.name or "dataset",
-        "subject": subject or resolved.parent.parent.name or "subject",
+        "key": key,
+        "dataset": dataset,
+        "subject": subject,
         "input": str(image),
         "mask": str(mask) if isinstance(mask, (str, Path)) else "(in memory)",
         "model": model,
@@ -314,6 +321,7 @@ def render_page(dataset: str, entries: list[dict]) -> str:
                     f'<td>{e["cord_volume_mm3"]}</td><td class="l">{esc(e["date"])}</td></tr>')
     body = "\n".join(_entry_html(e, f"e{i}") for i, e in enumerate(entries))
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"{_PAGE_MARK.decode()}"
             f"<title>QC {esc(dataset)} - sct_deepseg_epi</title><style>{_CSS}</style></head><body>\n"
             f"<h1>Spinal cord segmentation QC: {esc(dataset)}</h1>"
             f'<div class="meta">sct_deepseg_epi {esc(__version__)} &middot; {len(entries)} image(s)</div>\n'
@@ -326,25 +334,138 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
 
 
+def report_names(image: str | Path, dataset: str | None = None, subject: str | None = None) -> tuple[str, str, str]:
+    """(dataset, subject, entry key) of ``image``'s section: the names given, else its folders' (as SCT).
+
+    Given names are checked (:func:`~sct_deepseg_epi.options.check_report_name`): names, never paths.
+    """
+    for value, flag in ((dataset, "-qc-dataset"), (subject, "-qc-subject")):
+        if value is not None:
+            check_report_name(value, flag)
+    resolved = Path(image).resolve()
+    subject = subject or resolved.parent.parent.name or "subject"
+    dataset = dataset or resolved.parent.parent.parent.name or "dataset"
+    return dataset, subject, f"{subject}/{Path(image).name}"
+
+
+def _entry_name(key: str) -> str:
+    """The entry's file name; a long key is shortened and made unique with its hash."""
+    name = _safe(key)
+    if len(name.encode()) > 120:
+        name = f"{name[:100]}-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+    return name + ".json"
+
+
+def report_targets(image: str | Path, folder: str | Path, *, dataset: str | None = None,
+                   subject: str | None = None) -> dict[str, Path]:
+    """The files the standalone page writes for ``image``: ``FOLDER/DATASET.html`` and the image's entry.
+
+    Refused before any work: a page named like SCT's QC index (``index.html``), and any
+    existing file at either path that this program did not write (a user's page, another
+    image's entry under the same file name). The caller checks the paths themselves with
+    :func:`~sct_deepseg_epi.outputs.check_outputs`, like every other output.
+    """
+    dataset, _, key = report_names(image, dataset, subject)
+    folder = Path(folder)
+    page = folder / f"{_safe(dataset)}.html"
+    if _safe(dataset).lower() == "index":
+        raise InputError(f"{page}: index.html is the page of SCT's QC report in the same folder; "
+                         "choose another -qc-dataset")
+    entry = folder / ENTRIES / _safe(dataset) / _entry_name(key)
+    _refuse_foreign(page, lambda head: _PAGE_MARK in head or _OLD_PAGE_MARK in head, "page")
+    _refuse_foreign(entry, lambda head: _is_entry_of(head, key), "entry")
+    return {"QC page": page, "QC entry": entry}
+
+
+_PAGE_MARK = b'<meta name="generator" content="sct_deepseg_epi">'
+_OLD_PAGE_MARK = b" - sct_deepseg_epi</title>"  # the pages of earlier versions
+
+
+def _is_entry_of(text: bytes, key: str) -> bool:
+    try:
+        return json.loads(text).get("key") == key
+    except (ValueError, AttributeError):
+        return False
+
+
+def _refuse_foreign(path: Path, ours, what: str) -> None:
+    """Refuse to replace a file that exists and is not this program's QC page or this image's entry."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read() if what == "entry" else f.read(4096)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        return  # check_outputs says it is a folder
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read to check what it is ({exc.strerror or exc})") from None
+    if not ours(head):
+        whose = "this image's QC entry" if what == "entry" else "a QC page of sct_deepseg_epi"
+        raise InputError(f"{path}: exists and is not {whose}; it is left alone: choose another "
+                         "-qc folder or -qc-dataset")
+
+
+def _read_entries(store: Path, skip: Path) -> list[dict]:
+    """The other entries of a dataset; one that cannot be read or shown is left out with a warning."""
+    entries = []
+    for p in sorted(store.glob("*.json")):
+        if p.name == skip.name or p.name.startswith("."):  # this image's (being replaced), temporaries
+            continue
+        try:
+            e = json.loads(p.read_text(encoding="utf-8"))
+            _entry_html(e, "check")
+            entries.append(e)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            log.warning("%s: not a readable QC entry, left out of the page (%s)", p, one_line(exc))
+    return entries
+
+
+def _lock_folder(folder: Path) -> int:
+    """Lock ``folder`` itself (no lock file to leave behind); it is made again if a failed run removed it."""
+    for _ in range(5):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(folder)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise InputError(f"{folder}: keeps being removed by another process")
+
+
 def html_report(image: str | Path, mask, folder: str | Path, disagreement=None, *, dataset: str | None = None,
                 subject: str | None = None, command: Sequence[str] | None = None) -> Path:
-    """Add (or replace) this image's section in ``FOLDER/DATASET.html``; returns the page's path."""
-    from filelock import FileLock
+    """Add (or replace) this image's section in ``FOLDER/DATASET.html``; returns the page's path.
 
-    folder = Path(folder)
+    The page and the image's entry are checked like every output (:func:`report_targets`,
+    :class:`~sct_deepseg_epi.outputs.OutputSet`) and renamed into place together; a report
+    that fails leaves no file, and no folder it made.
+    """
+    inputs = [p for p in (image, mask, disagreement) if isinstance(p, (str, Path))]
+    targets = report_targets(image, folder, dataset=dataset, subject=subject)
+    check_outputs(targets, inputs, new_folders=True)
     entry = build_entry(image, mask, disagreement, dataset=dataset, subject=subject, command=command)
-    store = folder / ENTRIES / _safe(entry["dataset"])
-    store.mkdir(parents=True, exist_ok=True)
-    page = folder / f"{_safe(entry['dataset'])}.html"
-    with FileLock(str(store) + ".lock"):
-        with atomic_path(store / f"{_safe(entry['key'])}.json") as tmp:
-            tmp.write_text(json.dumps(entry), encoding="utf-8")
-        entries = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(store.glob("*.json"))]
-        with atomic_path(page) as tmp:
-            tmp.write_text(render_page(entry["dataset"], entries), encoding="utf-8")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # a page to share, not a private temporary file
+    page, entry_path = targets["QC page"], targets["QC entry"]
+    made = make_folders(entry_path.parent)
+    fd = None
+    try:
+        fd = _lock_folder(entry_path.parent)
+        outputs = OutputSet(report_targets(image, folder, dataset=dataset, subject=subject), inputs)  # under the lock
+        with outputs:
+            outputs.temp("QC entry").write_text(json.dumps(entry), encoding="utf-8")
+            entries = _read_entries(entry_path.parent, entry_path) + [entry]
+            outputs.temp("QC page").write_text(render_page(entry["dataset"], entries), encoding="utf-8")
+        outputs.commit()  # the page is shared like any report: ordinary permissions, not mkstemp's 0600
+    except BaseException:
+        if fd is not None:
+            remove_folders(made[-1:])  # the entries folder, while it is locked
+        remove_folders(made)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     return page
 
 
@@ -368,9 +489,23 @@ def sct_report(image: str | Path, mask, folder: str | Path, *, dataset: str | No
     """
     from spinalcordtoolbox.reports import qc2
 
+    for value, flag in ((dataset, "-qc-dataset"), (subject, "-qc-subject")):
+        if value is not None:
+            check_report_name(value, flag)
     image = Path(image).resolve()
     folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    made = make_folders(folder)
+    try:
+        return _sct_report(image, mask, folder, dataset, subject, command)
+    except BaseException:
+        remove_folders(made)  # SCT's files stay where SCT put them; a folder made for nothing goes
+        raise
+
+
+def _sct_report(image: Path, mask, folder: Path, dataset: str | None, subject: str | None,
+                command: Sequence[str] | None) -> Path:
+    from spinalcordtoolbox.reports import qc2
+
     command = list(command or ["sct_deepseg_epi"])
     name = command[0].split()[0]
     mask_img = _as_image(mask)

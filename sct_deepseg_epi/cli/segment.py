@@ -5,6 +5,7 @@ import logging
 import sys
 from typing import Sequence
 
+from ..options import report_name
 from ._parser import Parser, add_engine_flags, options_from_args, setup_logging, yes_no
 
 log = logging.getLogger("sct_deepseg_epi")
@@ -38,8 +39,12 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
                    help="Write a QC report into this folder: inside SCT, an entry of SCT's QC report; else an HTML "
                         "page per dataset, which shows the ensemble disagreement (IN_seg_disagreement.nii.gz is then "
                         "written too).")
-    o.add_argument("-qc-dataset", metavar="<str>", help="Dataset name shown in the QC report.")
-    o.add_argument("-qc-subject", metavar="<str>", help="Subject name shown in the QC report.")
+    o.add_argument("-qc-dataset", metavar="<str>", type=report_name("-qc-dataset"),
+                   help="Dataset name shown in the QC report (a name, not a path; default: the input's "
+                        "dataset folder). The standalone report is the page DATASET.html.")
+    o.add_argument("-qc-subject", metavar="<str>", type=report_name("-qc-subject"),
+                   help="Subject name shown in the QC report (a name, not a path; default: the input's "
+                        "subject folder).")
     m = p.misc
     m.add_argument("-install", action="store_true", help="Install the model given by -model (download) and exit.")
     m.add_argument("-custom-url", metavar="<url>",
@@ -104,15 +109,21 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
     if args.i is not None:
         from ..outputs import check_folder, check_outputs
 
+        qc_targets = {}
         if args.qc:
             from .. import qc
 
             backend = "sct" if qc.sct_available() else "html"
             disagreement = disagreement or backend == "html"
             check_folder(args.qc, [args.i], role="QC folder")
-        # every file the run will write, checked before a model is installed or an image read
-        check_outputs(api.run_targets(args.i, args.o, soft=args.soft, disagreement=disagreement, options=options),
-                      [args.i])
+            if backend == "html":
+                qc_targets = qc.report_targets(args.i, args.qc, dataset=args.qc_dataset, subject=args.qc_subject)
+        # every file the run will write, QC page and entry included, checked before a model is
+        # installed or an image read
+        targets = api.run_targets(args.i, args.o, soft=args.soft, disagreement=disagreement, options=options)
+        check_outputs(targets, [args.i])
+        if qc_targets:  # in a folder the report makes if needed
+            check_outputs({**targets, **qc_targets}, [args.i], new_folders=True)
     model = args.model
     if args.custom_url:
         from ..registry import download
