@@ -103,6 +103,28 @@ def _whole(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_number(text: str) -> float:
+    """A flag's parser for finite numbers > 0 (a spacing, a learning rate): refused at parse time."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A flag's parser for a fraction in (0, 1] (nnU-Net's sliding-window step)."""
+    v = positive_number(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return v
+
+
+whole_number = _whole  # for the commands' own flags
+
+
 def _size(text: str) -> str:
     try:
         parse_size(text)

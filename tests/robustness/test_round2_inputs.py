@@ -152,3 +152,20 @@ def test_help_names_the_output_of_a_nii_input(tiny_model, tmp_path):
     nib.save(blob_image()[0], str(src))
     assert main(["-i", str(src), "-model", "tiny", "-v", "0"]) == 0
     assert (tmp_path / "in_seg.nii").is_file() and not (tmp_path / "in_seg.nii.gz").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "-data", "d", "-o", "m", "-members", "0"], ["train", "-data", "d", "-o", "m", "-epochs", "-1"],
+    ["train", "-data", "d", "-o", "m", "-lr", "nan"], ["train", "-data", "d", "-o", "m", "-spacing", "0"],
+    ["train", "-data", "d", "-o", "m", "-seed", "-1"],
+    ["demo", "-o", "d", "-seed", "-1"],  # was a numpy ValueError traceback
+    ["import-nnunet", "m.zip", "-o", "m", "-step", "0"], ["import-nnunet", "m.zip", "-o", "m", "-step", "1.5"],
+    ["batch", "bids", "-dilate", "-1"],
+])
+def test_usage_errors_of_every_command_exit_2(tmp_path, monkeypatch, capsys, argv):
+    """Also, the family in the other commands: a flag value out of range is refused by its parser (exit 2),
+    before any file is looked at."""
+    monkeypatch.chdir(tmp_path)
+    line = _usage(capsys, argv)
+    assert f"argument {argv[-2]}" in line
+    assert list(tmp_path.iterdir()) == []
