@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,6 +133,9 @@ def check_regular_file(path: Path | str) -> None:
         raise InputError(f"{p}: is {kind}, not a regular file")
 
 
+_NIBABEL_LOG = threading.Lock()
+
+
 @contextmanager
 def _nibabel_messages() -> Iterator[list[str]]:
     """Collect what nibabel logs while it reads a header (its own handler would print it unnamed).
@@ -146,14 +150,15 @@ def _nibabel_messages() -> Iterator[list[str]]:
         def emit(self, record: logging.LogRecord) -> None:
             got.append(record.getMessage())
 
-    saved, propagate = logger.handlers[:], logger.propagate
-    logger.handlers[:] = [Keep()]
-    logger.propagate = False
-    try:
-        yield got
-    finally:
-        logger.handlers[:] = saved
-        logger.propagate = propagate
+    with _NIBABEL_LOG:  # one reader at a time swaps the handlers (batch and Dask workers run threads)
+        saved, propagate = logger.handlers[:], logger.propagate
+        logger.handlers[:] = [Keep()]
+        logger.propagate = False
+        try:
+            yield got
+        finally:
+            logger.handlers[:] = saved
+            logger.propagate = propagate
 
 
 def _header_warning(path: Path, message: str) -> str:
