@@ -13,8 +13,8 @@ log = logging.getLogger("sct_deepseg_epi")
 DESCRIPTION = """\
 Spinal cord segmentation for gradient-echo EPI (BOLD fMRI), with an ONNX ensemble.
 Writes IN_seg.nii.gz next to the input (IN_seg.nii for a .nii input; a uint8 mask on the
-input's own grid) and a JSON sidecar saying what produced it. 4D series: the temporal mean by default (-4d mean),
-or every volume (-4d each, 4D mask).
+input's own grid) and a JSON sidecar saying what produced it. 4D series: the temporal mean
+by default (-4d mean), or every volume (-4d each, 4D mask).
 """
 
 
@@ -25,7 +25,8 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
     p = Parser(prog, description, epilog=commands_epilog() if epilog is None else epilog)
     p.mandatory.add_argument("-i", metavar="<file>", help="Input EPI image, 3D or 4D (.nii or .nii.gz).")
     o = p.optional
-    o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input (IN_seg.nii for a .nii input).")
+    o.add_argument("-o", metavar="<file>",
+                   help="Output mask. Default: IN_seg.nii.gz next to the input (IN_seg.nii for a .nii input).")
     add_engine_flags(o, change={"threshold": {"help": "Binarisation threshold on the ensemble probability "
                                                       "(default: the model's). 0 writes the soft probability map "
                                                       "instead of a mask (as in SCT): an alias of -output "
