@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .backend import Backend, backend_for
 from .confidence import sidecar_block, slice_report, to_native
-from .errors import IntegrityError, ModelError
+from .errors import IntegrityError, ModelError, OptionError
 from .options import Options
 from .outputs import OutputSet, check_suffix
 from .postprocess import PostOptions, finish
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: bool = True) -> ModelSpec:
     """Find a model (``name[@version]``, a model folder, or a spec) and verify its files.
 
+    A bare name that is no known model but an existing folder (``md`` for ``./md``) is that folder.
+
     A model that is not on disk is downloaded from its mirrors when ``install`` is true;
     a damaged copy in the cache is reinstalled, a damaged packaged copy is refused.
     """
@@ -45,7 +47,12 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
     elif isinstance(model, Path) or (isinstance(model, str) and ("/" in model or model.startswith("."))):
         spec = load_manifest(Path(model))
     else:
-        spec = store.resolve(model)
+        try:
+            spec = store.resolve(model)
+        except ModelError:
+            if not Path(model).is_dir():
+                raise
+            spec = load_manifest(Path(model))  # a model folder named without a slash: -model md for ./md
     if not store.is_complete(spec) or spec.directory is None:
         source = store.with_mirrors(spec)  # an installed copy's own manifest may not say where it came from
         if not install or not source.mirrors:
@@ -118,7 +125,8 @@ class Segmentation:
 
     def provenance(self) -> dict[str, Any]:
         return provenance(self.model, self.options, self.provider, self.source, self.timings, self.warnings,
-                          int(np.count_nonzero(np.asarray(self.mask.dataobj))), confidence=self.confidence)
+                          int(np.count_nonzero(np.asarray(self.mask.dataobj))), confidence=self.confidence,
+                          backend=backend_for(self.model, self.options))
 
 
 def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: PostOptions,
@@ -208,13 +216,17 @@ def _warn_if_empty(warnings: list[str], source: str, cord_voxels: int) -> None:
 
 def provenance(spec: ModelSpec, options: Options, provider: str, source: str, timings: dict[str, float],
                warnings: list[str], cord_voxels: int, input_sha256: str | None = None,
-               outputs: dict[str, str] | None = None, confidence: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took."""
+               outputs: dict[str, str] | None = None, confidence: dict[str, Any] | None = None,
+               backend: Backend | None = None) -> dict[str, Any]:
+    """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took.
+
+    ``backend`` (the one that ran) adds its kind's own fields to the ``model`` record.
+    """
     post = asdict(options.post(spec))
     d: dict[str, Any] = {
         "GeneratedBy": [{"Name": "sct_deepseg_epi", "Version": __version__}],
         "model": {"name": spec.name, "version": spec.version, "backend": spec.backend.kind,
-                  **({"convention": spec.nnunet.convention} if spec.nnunet is not None else {}),
+                  **(backend.provenance() if backend is not None else {}),
                   "members": [{"file": m.file, "sha256": m.sha256} for m in spec.members]},
         "provider": provider,
         "output": options.output,
@@ -257,7 +269,10 @@ def run_targets(input_path: str | Path, output: str | Path | None = None, *, sof
     """
     out = check_suffix(output or default_output(input_path))
     targets = {"mask": out}
-    if soft and (options or Options()).output != "probability":
+    if soft and (options or Options()).output == "probability":  # refused rather than dropped unseen
+        raise OptionError("soft=True writes the soft map beside the mask, but output='probability' "
+                          "(threshold 0) makes it the main output already")
+    if soft:
         targets["soft"] = derived_path(out, "_soft")
     if disagreement:
         targets["disagreement"] = derived_path(out, "_disagreement")
@@ -324,10 +339,11 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         warnings = list(vol.warnings)
         _warn_if_empty(warnings, vol.source, n_cord)
         timings["total"] = time.perf_counter() - t0
-        prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
+        backend = backend_for(spec, options)
+        prov = provenance(spec, options, backend.provider, str(input_path), timings, warnings,
                           n_cord, input_sha256=input_sha256 or store.sha256_file(input_path),
                           outputs={k: Path(targets[k]).name for k in maps_to_write},
-                          confidence=sidecar_block(reports, vol.to_ras))
+                          confidence=sidecar_block(reports, vol.to_ras), backend=backend)
         save_json(prov, targets["sidecar"], tmp=outputs.temp("sidecar"))
     outputs.commit()
     result = RunResult(out, targets["sidecar"], {k: targets[k] for k in maps_to_write if k != "mask"}, prov)

@@ -7,7 +7,8 @@
 A backend turns one 3D RAS array into a foreground probability, the disagreement of its
 members and, when the model has its own label map (nnU-Net's argmax), those labels, all
 on the input's native RAS grid. Everything else (reading, postprocessing, timing,
-provenance, writing) is the same for every backend and lives in :mod:`api`.
+writing, the sidecar, to which a backend adds its own fields) is the same for every backend
+and lives in :mod:`api`.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class Backend(Protocol):
     def predict(self, data_ras: np.ndarray, vol: Volume, *, region: Any = None, localise: bool = False,
                 timings: dict[str, float]) -> Probabilities:
         """One 3D RAS array of ``vol`` -> probabilities; ``localise``: find a region with a quick pass first."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Fields this kind of model adds to the sidecar's ``model`` record (an nnU-Net model: its convention)."""
 
     def region_around(self, mask_ras: np.ndarray, vol: Volume) -> Any:
         """The region to run the volumes of a series on, from the mask of its mean (None: everything)."""

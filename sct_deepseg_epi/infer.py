@@ -250,6 +250,10 @@ class SliceBackend:
         self.provider = self.ensemble.provider
         self.localise_at = localise_at  # the threshold at which the quick pass finds the cord
 
+    def provenance(self) -> dict:
+        """What the sidecar's ``model`` records about this kind of model, beyond its name and members."""
+        return {}
+
     def localise(self, prep: Prepared) -> tuple[slice, slice] | None:
         """Region around every object a quick pass (one member, no flips) finds, or None.
 

@@ -55,26 +55,39 @@ def refuse_overwrite(targets: Mapping[str, Path | str], inputs: Iterable[Path | 
                 raise InputError(f"{out}: the {role} path is the input {i}; choose another -o")
 
 
-def check_outputs(targets: Mapping[str, Path | str], inputs: Iterable[Path | str] = ()) -> dict[str, Path]:
+def check_outputs(targets: Mapping[str, Path | str], inputs: Iterable[Path | str] = (), *,
+                  new_folders: bool = False) -> dict[str, Path]:
     """Check every path a run will write, before any work is done.
 
     An output may not be an input, an existing folder, or too long a name for the file
     system once the temporary suffix is added; its folder must exist and be writable,
     which is proven by creating a file there (``os.access`` says yes to root on a
-    read-only mount, and nothing can be created under /proc).
+    read-only mount, and nothing can be created under /proc). ``new_folders``: a missing
+    folder will be made by the run (a QC report's); its names are checked instead, and the
+    folder it will be made in is proven writable.
     """
     outs = {role: Path(p) for role, p in targets.items()}
     for out in outs.values():  # first: a name too long makes every later stat() fail
         folder = out.parent if str(out.parent) else Path(".")
-        limit = _name_max(folder) if folder.is_dir() else 255
+        limit = _name_max(_existing_ancestor(folder))
         n = len(os.fsencode(out.name))
         if n + TEMP_NAME_EXTRA > limit:
             raise InputError(f"{out}: the file name is {n} bytes; this file system allows {limit}, less "
                              f"{TEMP_NAME_EXTRA} for the temporary name it is written under: choose a shorter name")
+        for part in folder.parts if new_folders else ():
+            if len(os.fsencode(part)) > limit:
+                raise InputError(f"{out}: the folder name {part[:40]}... is {len(os.fsencode(part))} bytes; "
+                                 f"this file system allows {limit}: choose a shorter name")
     refuse_overwrite(outs, inputs)
     probed: set[str] = set()
     for role, out in outs.items():
         folder = out.parent if str(out.parent) else Path(".")
+        if new_folders and _existing_ancestor(folder) != folder:
+            key = os.path.realpath(folder)
+            if key not in probed:
+                check_folder(folder, role=f"folder of the {role}")
+                probed.add(key)
+            continue
         if not folder.is_dir():
             what = "is not a folder" if folder.exists() else "does not exist"
             raise InputError(f"{out}: the output folder {folder} {what}")
@@ -89,6 +102,47 @@ def check_outputs(targets: Mapping[str, Path | str], inputs: Iterable[Path | str
                                  f"({exc.strerror or exc})") from None
             probed.add(key)
     return outs
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    """The nearest folder on the way up that exists (a name too long for the file system does not)."""
+    f = folder
+    while f != f.parent:
+        try:
+            if f.is_dir():
+                break
+        except OSError:
+            pass
+        f = f.parent
+    return f
+
+
+def make_folders(folder: Path | str) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those this call created, outermost first,
+    for :func:`remove_folders` to undo after a failure."""
+    folder = Path(folder)
+    missing = []
+    f = folder
+    while not f.exists() and f != f.parent:
+        missing.append(f)
+        f = f.parent
+    made = []
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except FileExistsError:
+            continue  # made by another run at the same time: not ours to remove
+        made.append(f)
+    return made
+
+
+def remove_folders(made: Iterable[Path]) -> None:
+    """Remove the folders a failed run created (innermost first), where they are still empty."""
+    for f in reversed(list(made)):
+        try:
+            f.rmdir()
+        except OSError:
+            pass  # another run has put a file there since: it stays
 
 
 def check_folder(folder: Path | str, inputs: Iterable[Path | str] = (), *, role: str = "output folder") -> Path:

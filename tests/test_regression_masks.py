@@ -117,8 +117,10 @@ def segment_case(name: str, tmp: Path) -> tuple[dict[str, str], dict[str, tuple[
     from sct_deepseg_epi import api
 
     src, opts, model = CASES[name](tmp)
-    res = api.run(src, tmp / "out_seg.nii.gz", model=model, soft=True, disagreement=True,
-                  options=api.Options(threads=1, **{"method": "3d", **opts}))  # the postprocessing of then
+    options = api.Options(threads=1, **{"method": "3d", **opts})  # the postprocessing of then
+    # soft=True beside a main output that is the soft map already is refused (it was dropped unseen)
+    res = api.run(src, tmp / "out_seg.nii.gz", model=model, soft=options.output != "probability", disagreement=True,
+                  options=options)
     maps = {"disagreement": res.extra["disagreement"], **({"soft": res.extra["soft"]} if "soft" in res.extra else {})}
     if res.provenance["output"] == "probability":  # the main output is a float map, then
         return {}, {"soft_main": float_stats(res.mask), **{k: float_stats(p) for k, p in maps.items()}}

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Sequence
 
-from ._parser import Parser, add_engine_flags, options_from_args, setup_logging, yes_no
+from ._parser import Parser, add_engine_flags, options_from_args, printable, setup_logging, yes_no
 
 log = logging.getLogger("sct_deepseg_epi")
 
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  threads=args.threads, soft=args.soft, disagreement=args.disagreement,
                                  overwrite=args.overwrite, scheduler=args.scheduler, progress=progress)
     except ImportError as exc:  # the dask extra is missing
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {printable(exc)}\n")
         return 1
     finally:
         progress.close()
@@ -123,6 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = result.failed
     log.info("%d run(s): %s; table: %s", len(result.records), summary, result.summary)
     if failed:
-        sys.stderr.write(f"error: {len(failed)} of {len(result.records)} run(s) failed; see {result.summary}\n")
+        sys.stderr.write(f"error: {len(failed)} of {len(result.records)} run(s) failed; see {printable(result.summary)}\n")
         return 1
     return 0

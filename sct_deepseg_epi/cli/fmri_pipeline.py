@@ -5,6 +5,7 @@ import logging
 import sys
 from typing import Sequence
 
+from ..options import report_name
 from ._parser import Parser, setup_logging
 
 log = logging.getLogger("sct_deepseg_epi")
@@ -47,8 +48,10 @@ def get_parser() -> Parser:
     o.add_argument("-param", metavar="<steps>", default=DEFAULT_REG_PARAM,
                    help=f"sct_register_multimodal -param for the template registration (default: {DEFAULT_REG_PARAM}).")
     o.add_argument("-qc", metavar="<folder>", help="SCT QC report folder for the SCT steps.")
-    o.add_argument("-qc-dataset", metavar="<str>", help="Dataset name for the QC report.")
-    o.add_argument("-qc-subject", metavar="<str>", help="Subject name for the QC report.")
+    o.add_argument("-qc-dataset", metavar="<str>", type=report_name("-qc-dataset"),
+                   help="Dataset name for the QC report (a name, not a path).")
+    o.add_argument("-qc-subject", metavar="<str>", type=report_name("-qc-subject"),
+                   help="Subject name for the QC report (a name, not a path).")
     o.add_argument("-f", metavar="<0|1>", type=int, choices=(0, 1), default=0, help="1: rerun steps that are up to date.")
     return p
 

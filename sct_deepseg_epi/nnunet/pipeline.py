@@ -313,6 +313,10 @@ class NnunetBackend:
                       if self.keep else None)
         self.provider = (self._kept[0].get_providers()[0] if self._kept else self.providers[0])
 
+    def provenance(self) -> dict:
+        """The sidecar records the orientation convention: sct and nnunet give different masks."""
+        return {"convention": self.recipe.convention}
+
     def sessions(self):
         """The members' sessions, in order; large models are loaded one at a time and released."""
         if self._kept is not None:
