@@ -106,6 +106,15 @@ if os.environ.get("FAKE_SCT_FAIL") == name:
     sys.exit(1)
 if name == "sct_maths":
     img = nib.load(arg("-i")); save(np.asarray(img.dataobj).mean(-1), img, arg("-o"))
+elif name == "sct_fmri_moco" and "-dl" in argv:  # SCT 7.4's rules and outputs for -dl
+    refused = [a for a in ("-g", "-x", "-param", "-bvalmin") if a in argv]
+    if "-m" not in argv or refused:
+        print("sct_fmri_moco: error: -dl needs -m and refuses " + " ".join(refused)); sys.exit(2)
+    img = nib.load(arg("-i")); data = np.asarray(img.dataobj); stem = Path(arg("-i")).name[:-7]
+    out = Path(arg("-ofolder")); d, t = data.shape[2], data.shape[3]
+    save(data, img, out / f"{stem}_mocoDL.nii.gz"); save(data.mean(-1), img, out / f"{stem}_mocoDL_mean.nii.gz")
+    for axis in "xy":
+        nib.save(nib.Nifti1Image(np.zeros((1, 1, d, t), np.float32), img.affine), str(out / f"moco_params_{axis}.nii.gz"))
 elif name == "sct_fmri_moco":
     img = nib.load(arg("-i")); data = np.asarray(img.dataobj); stem = Path(arg("-i")).name[:-7]
     out = Path(arg("-ofolder"))
