@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -102,13 +103,25 @@ def _newer(outputs: Sequence[Path], inputs: Sequence[Path]) -> bool:
     return min(p.stat().st_mtime_ns for p in outputs) >= newest_input
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(:|$)")
+
+
 def _command_message(output: str) -> str:
     """The line of a command's output that explains its failure (SCT prints a lot before it)."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     if not lines:
         return "no output"
     if any(ln.startswith("Traceback") for ln in lines):
-        return lines[-1]  # the exception and its message
+        # the exception and its message; SCT's launcher prints "Total runtime" after it, and a
+        # message that starts with a newline (moco_dl's missing weights) is on the next line
+        exc = [i for i, ln in enumerate(lines) if _EXCEPTION_LINE.match(ln)]
+        if not exc:
+            return lines[-1]
+        i = exc[-1]
+        head = lines[i]
+        if head.endswith(":") and i + 1 < len(lines) and "Total runtime" not in lines[i + 1]:
+            head = f"{head} {lines[i + 1]}"
+        return head
     errors = [ln for ln in lines if "error" in ln.lower()]
     return errors[-1] if errors else lines[-1]
 

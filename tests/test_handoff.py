@@ -316,3 +316,16 @@ def make_synthetic_template(folder: Path, image: nib.Nifti1Image, cord: nib.Nift
         2, vertebral levels, PAM50_levels.nii.gz
         """))
     return folder
+
+
+def test_command_message_is_the_exception_of_a_traceback_not_sct_s_closing_line():
+    end = "\x1b[0mTotal runtime; 0.098 seconds.\x1b[0m"
+    out = f"lots\nTraceback (most recent call last):\n  File \"x.py\", line 1\nFileNotFoundError: [Errno 2] bin/isct_x\n{end}\n"
+    assert handoff._command_message(out) == "FileNotFoundError: [Errno 2] bin/isct_x"
+    # sct_fmri_moco -dl without weights: the message starts on the line after the exception's name
+    out = ("Traceback (most recent call last):\nFileNotFoundError: \n[moco-dl] MocoDL models not found. "
+           f"Please install them using: sct_download_data -d moco-dl_models.\n{end}\n")
+    assert handoff._command_message(out) == ("FileNotFoundError: [moco-dl] MocoDL models not found. Please install "
+                                             "them using: sct_download_data -d moco-dl_models.")
+    assert handoff._command_message(f"Traceback (most recent call last):\nKeyboardInterrupt\n{end}") == "KeyboardInterrupt"
+    assert handoff._command_message("a\nERROR: bad input\nb") == "ERROR: bad input"

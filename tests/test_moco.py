@@ -189,6 +189,8 @@ def scratch_sct(tmp_path, monkeypatch):
         pytest.skip("this SCT has no deep-learning motion correction (spinalcordtoolbox.moco.dl, SCT >= 7.4)")
     root = tmp_path / "sct"
     shutil.copytree(package, root / "spinalcordtoolbox", ignore=shutil.ignore_patterns("__pycache__"))
+    if (package.parent / "bin").is_dir():  # SCT runs its ANTs programs from <install>/bin: the user's, read only
+        (root / "bin").symlink_to(package.parent / "bin", target_is_directory=True)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     assert moco.sct_install_dir() == root  # every SCT command now runs the copy
     user_weights = package.parent.joinpath(*moco.DL_WEIGHTS)
@@ -235,6 +237,6 @@ def test_real_sct_dl_chain_on_the_sct_testing_series(scratch_sct, tmp_path, mode
     levels = nib.load(str(out.levels))
     assert levels.shape == img.shape[:3] and np.asarray(levels.dataobj).max() > 0
     text = out.log.read_text()
-    line = next(ln for ln in text.splitlines() if ln.startswith("$ sct_fmri_moco"))
+    line = next(ln for ln in text.splitlines() if "] $ sct_fmri_moco " in ln)
     assert " -dl" in line and f"-m {out.mask}" in line and not set(line.split()) & set(moco.DL_REFUSED)
     assert "Running DL-based motion correction" in text  # SCT's own message: the DL path ran
