@@ -89,7 +89,7 @@ def sct_install_dir(tool: str = MOCO_TOOL) -> Path | None:
         return None
     try:
         proc = subprocess.run(python + ["-c", _PROBE], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True, timeout=120, env=dict(os.environ))
+                              text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = proc.stdout.strip().splitlines()
