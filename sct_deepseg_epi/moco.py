@@ -79,7 +79,9 @@ def sct_python(tool: str = MOCO_TOOL) -> list[str] | None:
         return None
     if not first.startswith("#!"):
         return None
-    return shlex.split(first[2:]) or None
+    words = shlex.split(first[2:])
+    # only a Python is asked (a shell wrapper would be handed Python code)
+    return words if any(Path(w).name.startswith("python") for w in words) else None
 
 
 def sct_install_dir(tool: str = MOCO_TOOL) -> Path | None:

@@ -77,6 +77,13 @@ def test_weights_are_where_the_sct_running_the_tool_says(sct_root, monkeypatch):
     assert moco.sct_install_dir() is None and moco.dl_weights_path() is None and moco.missing_dl_weights() is None
     monkeypatch.setenv("SCT_DIR", str(sct_root))
     assert moco.dl_weights_path() == sct_root / "data" / "moco-dl_models" / "fmri.ckpt"
+    # a shell wrapper is not handed Python code
+    wrapper = sct_root / "bin" / "sct_fmri_moco"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\nexit 0\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    assert moco.sct_python() is None and moco.dl_weights_path() == sct_root / "data" / "moco-dl_models" / "fmri.ckpt"
 
 
 def test_dl_chain_hands_the_cord_mask_and_no_refused_flag(sct_root, fake_sct, pam50, series, tmp_path):
