@@ -140,7 +140,7 @@ def _as_image(x) -> nib.Nifti1Image:
 
 
 def _volume_entries(frames, masks, disagreements, zooms) -> list[dict]:
-    from .handoff import cord_centreline
+    from .mocomask import cord_centreline
 
     volumes = []
     for (label, image), mask, dis in zip(frames, masks, disagreements):
