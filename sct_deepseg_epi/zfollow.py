@@ -38,10 +38,26 @@ even touch in 3D. This module decides slice by slice, guided by a centreline:
 
 The result keeps no voxel off the centreline, so nothing depends on 3D connectivity.
 numpy only (scipy's import costs more than the whole postprocessing).
+
+**Prompts** (:mod:`.prompts`; without any, nothing above changes). A point *not cord*
+zeroes the soft map's component under it (at ``min(threshold, p)``, ``p`` the map at the
+point) before anything else, and removes the mask's component under it at the end. A point
+*on the cord* where the map is below ``threshold`` first has the members run again on that
+slice in a window centred on it, normalised on that window (``rerun``: a slice with local
+signal loss is often only mis-normalised); that window's map replaces the slice's there.
+Where the point then lies in a component of ``p >= threshold``, that component is the only
+candidate of its slice and must be in the chain (its evidence is raised far above any
+other's). Otherwise, after everything else, the slice's mask becomes the component grown
+from the point (its maximum within ``PROMPT_SEED_MM``) by the hysteresis ladder of step 5,
+bounded by ``max_area_ratio`` times the neighbours' median area. Each point's effect is
+reported: ``chain``, ``grown`` or ``none`` (nothing to grow), after ``rerun+`` when the
+window was run (``norerun+`` when the model cannot: nnU-Net's recipe runs on the whole
+field), and ``removed`` or ``nothing_under`` for a point not on the cord.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -50,6 +66,8 @@ from .ndimage import label
 from .postprocess import fill_holes
 
 RULES_VERSION = "zfollow-1"
+PROMPT_SEED_MM = 3.0  # a point's seed: the map's maximum this close to it (a click is rarely on the peak)
+FORCED = 1000.0       # the chain evidence of a prompted component: more than any chain can gain otherwise
 
 
 @dataclass(frozen=True)
@@ -84,11 +102,13 @@ def zfollow_options(threshold: float, fill_holes: bool = True) -> ZFollowOptions
 
 @dataclass
 class ZFollowResult:
-    """The mask plus what each slice was kept for: 'chain', 'hysteresis', 'bridge' or '' (empty)."""
+    """The mask plus what each slice was kept for: 'chain', 'hysteresis', 'bridge', 'prompt' (grown from a
+    point) or '' (empty)."""
 
     mask: np.ndarray
     kind: list[str]
     centreline_mm: np.ndarray  # (Z, 2) in-plane centre per slice (nan where there is no chain)
+    prompts: list[str] = field(default_factory=list)  # each prompt's effect, in the order given
 
 
 def _components(prob: np.ndarray, t: float, zooms) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -107,11 +127,13 @@ def _components(prob: np.ndarray, t: float, zooms) -> tuple[np.ndarray, dict[str
     return lab, stats
 
 
-def _chain(st: dict[str, np.ndarray], dz: float, o: ZFollowOptions) -> list[int]:
+def _chain(st: dict[str, np.ndarray], dz: float, o: ZFollowOptions, bonus: np.ndarray | None = None) -> list[int]:
     """Indices (into ``st``) of the best chain of candidates along z, by dynamic programming."""
     order = np.argsort(st["z"], kind="stable")
     z, cx, cy = st["z"][order], st["cx"][order], st["cy"][order]
     ev = np.minimum(1.0, st["area"][order] / o.full_area_mm2)
+    if bonus is not None:
+        ev = ev + bonus[order]
     score = ev.copy()
     prev = np.full(len(order), -1)
     for j in range(len(order)):
@@ -200,37 +222,111 @@ def _component_at(prob2: np.ndarray, peak: tuple, t: float, ref_area: float, zoo
     return None
 
 
-def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions()) -> ZFollowResult:
-    """Mask a probability volume (X, Y, Z), z the slice axis, following the cord along z (module doc)."""
+def _seed(prob2: np.ndarray, xy: tuple[int, int], zooms) -> tuple[int, int]:
+    """The map's maximum within PROMPT_SEED_MM of a point (the point itself on a tie)."""
+    nx, ny = prob2.shape
+    gx = ((np.arange(nx) - xy[0]) * zooms[0]) ** 2
+    gy = ((np.arange(ny) - xy[1]) * zooms[1]) ** 2
+    near = np.where(gx[:, None] + gy[None, :] <= PROMPT_SEED_MM ** 2, prob2, -1.0)
+    near[xy] += 1e-6
+    return np.unravel_index(int(np.argmax(near)), near.shape)  # type: ignore[return-value]
+
+
+def _grow(prob2: np.ndarray, xy: tuple[int, int], ref_area: float, zooms, o: ZFollowOptions) -> np.ndarray | None:
+    """A prompted slice's cord: grown from the point down step 5's ladder (at most to ``floor``)."""
+    seed = _seed(prob2, xy, zooms)
+    m = float(prob2[seed])
+    if m < o.floor:
+        return None
+    ladder = [o.threshold] if m >= o.threshold else []
+    ladder += sorted({max(o.floor, o.relative ** i * min(m, o.threshold)) for i in range(1, o.ladder + 1)}, reverse=True)
+    best = None
+    for t in ladder:
+        comp = _component_at(prob2, seed, t, ref_area, zooms, o)
+        if comp is None:
+            continue
+        best = comp
+        if np.isnan(ref_area) or comp.sum() * zooms[0] * zooms[1] >= o.min_area_ratio * ref_area:
+            break
+    return best
+
+
+def _prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> tuple[np.ndarray, list[str]]:
+    """The soft map with the prompts' changes (re-run windows, components under 'not cord' zeroed)."""
+    prob = prob.copy()
+    effects = [""] * len(prompts)
+    for n, p in enumerate(prompts):
+        x, y, k = p.ras
+        if p.cord and prob[x, y, k] < o.threshold:
+            win = rerun(k, (x, y)) if rerun is not None else None
+            if win is None:
+                effects[n] = "norerun+"  # the model cannot: the slice's own map is all there is
+            else:
+                prob[:, :, k] = np.where(np.isfinite(win), win, prob[:, :, k])
+                effects[n] = "rerun+"
+    for n, p in enumerate(prompts):
+        x, y, k = p.ras
+        if not p.cord:
+            v = float(prob[x, y, k])
+            effects[n] = "nothing_under"
+            if v >= o.floor:
+                lab, _ = label(prob[:, :, k] >= min(o.threshold, v), full=True)
+                prob[:, :, k][lab == lab[x, y]] = 0
+                effects[n] = "removed"
+    return prob, effects
+
+
+def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions(), *, prompts: Sequence = (),
+            rerun: Callable[[int, tuple[int, int]], np.ndarray | None] | None = None) -> ZFollowResult:
+    """Mask a probability volume (X, Y, Z), z the slice axis, following the cord along z (module doc).
+
+    ``prompts``: :class:`~sct_deepseg_epi.prompts.Point` s (their ``ras`` voxel and ``cord``);
+    ``rerun(z, (x, y))``: the members' map of slice z in a window centred on voxel (x, y), NaN
+    outside the window, or None when the model cannot do that.
+    """
     prob = np.asarray(prob, dtype=np.float32)
     zooms = tuple(float(v) for v in zooms[:3])
     n_z = prob.shape[2]
+    effects: list[str] = []
+    if prompts:
+        prob, effects = _prompt_maps(prob, prompts, zooms, opts, rerun)
     mask = np.zeros(prob.shape, bool)
     kind = [""] * n_z
     lab, st = _components(prob, opts.threshold, zooms)
-    cand = np.flatnonzero(st["area"] >= opts.min_area_mm2)
+    # prompted components: the only candidate of their slice, and (nearly) certain chain members
+    forced = {int(lab[p.ras]) - 1 for p in prompts if p.cord and lab[p.ras]}
+    forced_z = {int(st["z"][i]) for i in forced}
+    keep = (st["area"] >= opts.min_area_mm2) | np.isin(np.arange(st["z"].size), list(forced))
+    if forced:
+        keep &= ~np.isin(st["z"], list(forced_z)) | np.isin(np.arange(st["z"].size), list(forced))
+    cand = np.flatnonzero(keep)
     if cand.size == 0:
-        return ZFollowResult(mask, kind, np.full((n_z, 2), np.nan))
+        return _apply_prompts(ZFollowResult(mask, kind, np.full((n_z, 2), np.nan)), prob, prompts, effects, {},
+                              zooms, opts, set())
     sub = {k: v[cand] for k, v in st.items()}
-    members = [int(cand[i]) for i in _chain(sub, zooms[2], opts)]
+    bonus = np.where(np.isin(cand, list(forced)), FORCED, 0.0) if forced else None
+    members = [int(cand[i]) for i in _chain(sub, zooms[2], opts, bonus)]
     # members much smaller than their chain neighbours are specks on the path, not cord
     areas = {int(st["z"][i]): float(st["area"][i]) for i in members}
-    members = [i for i in members
-               if not areas[int(st["z"][i])] < opts.min_area_ratio * neighbour_median(areas, int(st["z"][i]))] or members
+    members = [i for i in members if i in forced or not areas[int(st["z"][i])] <
+               opts.min_area_ratio * neighbour_median(areas, int(st["z"][i]))] or members
     zs = st["z"][members].astype(float)
     pts = np.stack([st["cx"][members], st["cy"][members]], 1)
     line = _fit_centreline(zs, pts, n_z, zooms[2], opts)
     off = np.hypot(*(pts - line[zs.astype(int)]).T)
     if (off <= opts.tolerance_mm).any() and (off > opts.tolerance_mm).any():
-        members = [i for i, d in zip(members, off) if d <= opts.tolerance_mm]
+        members = [i for i, d in zip(members, off) if d <= opts.tolerance_mm or i in forced]
         zs = st["z"][members].astype(float)
         line = _fit_centreline(zs, np.stack([st["cx"][members], st["cy"][members]], 1), n_z, zooms[2], opts)
     chain_z = {int(st["z"][i]) for i in members}
     kept_area: dict[int, float] = {}
     pix = zooms[0] * zooms[1]
     for k in sorted(chain_z):
-        near = (st["z"] == k) & (np.hypot(st["cx"] - line[k, 0], st["cy"] - line[k, 1]) <= opts.tolerance_mm)
-        ids = np.flatnonzero(near) + 1
+        if k in forced_z:
+            ids = [i + 1 for i in members if i in forced and int(st["z"][i]) == k]
+        else:
+            near = (st["z"] == k) & (np.hypot(st["cx"] - line[k, 0], st["cy"] - line[k, 1]) <= opts.tolerance_mm)
+            ids = np.flatnonzero(near) + 1
         mask[:, :, k] = np.isin(lab[:, :, k], ids)
         kind[k] = "chain"
         kept_area[k] = float(mask[:, :, k].sum() * pix)
@@ -273,4 +369,36 @@ def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions()) ->
             k += step
     if opts.fill_holes:
         mask = fill_holes(mask)
-    return ZFollowResult(mask, kind, line)
+    chained = {int(lab[p.ras]) - 1 for p in prompts if p.cord and lab[p.ras]} & set(members)
+    return _apply_prompts(ZFollowResult(mask, kind, line), prob, prompts, effects, kept_area, zooms, opts, chained,
+                          lab)
+
+
+def _apply_prompts(res: ZFollowResult, prob: np.ndarray, prompts, effects: list[str], kept_area: dict[int, float],
+                   zooms, o: ZFollowOptions, chained: set[int], lab: np.ndarray | None = None) -> ZFollowResult:
+    """The prompted slices' last word: cord grown from points not in the chain, 'not cord' removed."""
+    if not prompts:
+        return res
+    mask = res.mask
+    for n, p in enumerate(prompts):
+        x, y, k = p.ras
+        if not p.cord:
+            continue
+        if lab is not None and lab[p.ras] and int(lab[p.ras]) - 1 in chained:
+            effects[n] += "chain"
+            continue
+        ref = neighbour_median({z: a for z, a in kept_area.items() if z != k}, k)
+        comp = _grow(prob[:, :, k], (x, y), ref, zooms, o)
+        if comp is None:
+            effects[n] += "none"
+            continue
+        mask[:, :, k] = fill_holes(comp[:, :, None])[:, :, 0] if o.fill_holes else comp
+        res.kind[k] = "prompt"
+        effects[n] += "grown"
+    for p in prompts:
+        x, y, k = p.ras
+        if not p.cord and mask[x, y, k]:
+            sl, _ = label(mask[:, :, k], full=True)
+            mask[:, :, k] &= sl != sl[x, y]
+    res.prompts = effects
+    return res

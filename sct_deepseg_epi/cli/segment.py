@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
             check_folder(args.qc, [args.i], role="QC folder")
         # every file the run will write, checked before a model is installed or an image read
         check_outputs(api.run_targets(args.i, args.o, soft=args.soft, disagreement=disagreement, options=options),
-                      [args.i])
+                      [args.i] + ([args.prompts] if args.prompts else []))
     model = args.model
     if args.custom_url:
         from ..registry import download
