@@ -36,9 +36,6 @@ PIXELS_PER_CALL = 1 << 19  # input pixels per ONNX Runtime call on a GPU (about 
 # 130-250 ms at 400-800k (docs/performance.md)
 CPU_CALL_PIXELS = 1 << 15
 ROI_MARGIN_MM = 12.0  # margin around the cord found first: covers motion and keeps CSF/tissue context
-# a prompted slice's window: the cord, its CSF and some tissue around it, so that a window-wide
-# normalisation sees what the network learnt from, not the signal loss or ghost elsewhere in the slice
-WINDOW_MM = 48.0
 
 
 def _ort():
@@ -297,7 +294,7 @@ class SliceBackend:
         return roi_around(mask_ras, self.spec, model_xy, ROI_MARGIN_MM)
 
     def predict_window(self, data_ras: np.ndarray, vol: Volume, z: int, centre: tuple[int, int],
-                       size_mm: float = WINDOW_MM) -> np.ndarray:
+                       size_mm: float) -> np.ndarray:
         """Slice ``z`` (and its context slices) run in a window of ``size_mm`` centred on voxel ``centre``
         and normalised on that window alone: (X, Y) on the native RAS grid, NaN outside the window."""
         spec = self.spec

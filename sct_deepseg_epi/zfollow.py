@@ -68,6 +68,9 @@ from .postprocess import fill_holes
 RULES_VERSION = "zfollow-1"
 PROMPT_SEED_MM = 3.0  # a point's seed: the map's maximum this close to it (a click is rarely on the peak)
 FORCED = 1000.0       # the chain evidence of a prompted component: more than any chain can gain otherwise
+# a prompted slice's re-run windows, smallest first: a small one normalises a local signal loss away
+# (the network sees the cord's own contrast again), a larger one keeps the context that a ghost needs
+PROMPT_WINDOWS_MM = (24.0, 32.0, 48.0)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class ZFollowResult:
     kind: list[str]
     centreline_mm: np.ndarray  # (Z, 2) in-plane centre per slice (nan where there is no chain)
     prompts: list[str] = field(default_factory=list)  # each prompt's effect, in the order given
+    route: dict[int, tuple] = field(default_factory=dict, repr=False)  # chain member per slice: (area, cx, cy)
 
 
 def _components(prob: np.ndarray, t: float, zooms) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -240,15 +244,27 @@ def _grow(prob2: np.ndarray, xy: tuple[int, int], ref_area: float, zooms, o: ZFo
         return None
     ladder = [o.threshold] if m >= o.threshold else []
     ladder += sorted({max(o.floor, o.relative ** i * min(m, o.threshold)) for i in range(1, o.ladder + 1)}, reverse=True)
-    best = None
     for t in ladder:
         comp = _component_at(prob2, seed, t, ref_area, zooms, o)
-        if comp is None:
-            continue
-        best = comp
-        if np.isnan(ref_area) or comp.sum() * zooms[0] * zooms[1] >= o.min_area_ratio * ref_area:
-            break
-    return best
+        if comp is not None and (np.isnan(ref_area) or comp.sum() * zooms[0] * zooms[1] >= o.min_area_ratio * ref_area):
+            return comp
+    return None
+
+
+def _neighbour_shape(mask: np.ndarray, k: int, xy: tuple[int, int]) -> np.ndarray | None:
+    """The nearest slice's cord (the one below on a tie), moved so that its centroid lies on the point."""
+    has = np.flatnonzero(mask.any(axis=(0, 1)))
+    has = has[has != k]
+    if has.size == 0:
+        return None
+    src = mask[:, :, int(has[np.argmin(np.abs(has - k) + 0.1 * (has > k))])]
+    ii, jj = np.nonzero(src)
+    dx, dy = int(round(xy[0] - ii.mean())), int(round(xy[1] - jj.mean()))
+    ii, jj = ii + dx, jj + dy
+    ok = (ii >= 0) & (ii < mask.shape[0]) & (jj >= 0) & (jj < mask.shape[1])
+    out = np.zeros(mask.shape[:2], bool)
+    out[ii[ok], jj[ok]] = True
+    return out
 
 
 def _prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> tuple[np.ndarray, list[str]]:
@@ -257,12 +273,14 @@ def _prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> 
     effects = [""] * len(prompts)
     for n, p in enumerate(prompts):
         x, y, k = p.ras
-        if p.cord and prob[x, y, k] < o.threshold:
-            win = rerun(k, (x, y)) if rerun is not None else None
-            if win is None:
+        if p.cord:
+            # the windows' maximum: each size rescues what another misses (docs/postprocessing.md)
+            wins = [rerun(k, (x, y), size) for size in PROMPT_WINDOWS_MM] if rerun is not None else [None]
+            if any(w is None for w in wins):
                 effects[n] = "norerun+"  # the model cannot: the slice's own map is all there is
             else:
-                prob[:, :, k] = np.where(np.isfinite(win), win, prob[:, :, k])
+                top = np.fmax.reduce(np.stack(wins))
+                prob[:, :, k] = np.where(np.isfinite(top), top, prob[:, :, k])
                 effects[n] = "rerun+"
     for n, p in enumerate(prompts):
         x, y, k = p.ras
@@ -277,13 +295,31 @@ def _prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> 
 
 
 def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions(), *, prompts: Sequence = (),
-            rerun: Callable[[int, tuple[int, int]], np.ndarray | None] | None = None) -> ZFollowResult:
+            rerun: Callable[[int, tuple[int, int], float], np.ndarray | None] | None = None) -> ZFollowResult:
     """Mask a probability volume (X, Y, Z), z the slice axis, following the cord along z (module doc).
 
     ``prompts``: :class:`~sct_deepseg_epi.prompts.Point` s (their ``ras`` voxel and ``cord``);
-    ``rerun(z, (x, y))``: the members' map of slice z in a window centred on voxel (x, y), NaN
-    outside the window, or None when the model cannot do that.
+    ``rerun(z, (x, y), size_mm)``: the members' map of slice z in a window of that size centred
+    on voxel (x, y), NaN outside the window, or None when the model cannot do that.
     """
+    if not prompts:
+        return _follow(prob, zooms, opts)
+    base = _follow(prob, zooms, opts)
+    res = _follow(prob, zooms, opts, prompts, rerun)
+    # a prompt changes its own slice; others only when it re-routes the chain, i.e. when a member of
+    # the chain without prompts is no longer one (a ghost's chain, say): a member added is not enough
+    mine = {p.ras[2] for p in prompts}
+    others = [k for k in range(len(res.kind)) if k not in mine]
+    if all(res.route.get(k) == v for k, v in base.route.items() if k not in mine):
+        res.mask[:, :, others] = base.mask[:, :, others]
+        for k in others:
+            res.kind[k] = base.kind[k]
+        res.centreline_mm = base.centreline_mm
+    return res
+
+
+def _follow(prob: np.ndarray, zooms, opts: ZFollowOptions, prompts: Sequence = (), rerun=None) -> ZFollowResult:
+    """:func:`zfollow`'s one pass, the prompts' changes included."""
     prob = np.asarray(prob, dtype=np.float32)
     zooms = tuple(float(v) for v in zooms[:3])
     n_z = prob.shape[2]
@@ -370,8 +406,9 @@ def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions(), *,
     if opts.fill_holes:
         mask = fill_holes(mask)
     chained = {int(lab[p.ras]) - 1 for p in prompts if p.cord and lab[p.ras]} & set(members)
-    return _apply_prompts(ZFollowResult(mask, kind, line), prob, prompts, effects, kept_area, zooms, opts, chained,
-                          lab)
+    route = {int(st["z"][i]): (float(st["area"][i]), float(st["cx"][i]), float(st["cy"][i])) for i in members}
+    return _apply_prompts(ZFollowResult(mask, kind, line, route=route), prob, prompts, effects, kept_area, zooms, opts,
+                          chained, lab)
 
 
 def _apply_prompts(res: ZFollowResult, prob: np.ndarray, prompts, effects: list[str], kept_area: dict[int, float],
@@ -384,17 +421,18 @@ def _apply_prompts(res: ZFollowResult, prob: np.ndarray, prompts, effects: list[
         x, y, k = p.ras
         if not p.cord:
             continue
-        if lab is not None and lab[p.ras] and int(lab[p.ras]) - 1 in chained:
-            effects[n] += "chain"
-            continue
+        in_chain = lab is not None and lab[p.ras] and int(lab[p.ras]) - 1 in chained
         ref = neighbour_median({z: a for z, a in kept_area.items() if z != k}, k)
         comp = _grow(prob[:, :, k], (x, y), ref, zooms, o)
+        how = "chain" if in_chain else "grown"
+        if comp is None:  # no evidence the size of a cord: the neighbours' cross-section, at the point
+            comp, how = _neighbour_shape(mask, k, (x, y)), "shape"
         if comp is None:
             effects[n] += "none"
             continue
         mask[:, :, k] = fill_holes(comp[:, :, None])[:, :, 0] if o.fill_holes else comp
         res.kind[k] = "prompt"
-        effects[n] += "grown"
+        effects[n] += how
     for p in prompts:
         x, y, k = p.ras
         if not p.cord and mask[x, y, k]:
