@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prompted correction, measured: one click per missed or wrong slice, on slices made hard.
 
-    python benchmarks/prompt_study.py [-model seg_sc_epi] [-data ../shared/data] [-heldout 16] [-o table.md]
+    python benchmarks/prompt_study.py [-model seg_sc_epi] [-data ../shared/data] [-heldout 16] [-seed 1900] [-o table.md]
 
 Images: the held-out simulated stacks (``sct_deepseg_epi.training.validate.heldout_simulated``)
 and the two real validation series of ``benchmarks/validation.py`` (the temporal mean of
@@ -92,7 +92,7 @@ def images(data: Path, n_heldout: int):
     return out
 
 
-def study(model: str, data: Path, n_heldout: int, threads: int) -> list[dict]:
+def study(model: str, data: Path, n_heldout: int, threads: int, seed: int = 1900) -> list[dict]:
     import nibabel as nib
 
     import sct_deepseg_epi as sde
@@ -102,7 +102,7 @@ def study(model: str, data: Path, n_heldout: int, threads: int) -> list[dict]:
     spec = load_model(model)
     rows = []
     for i, (group, name, vol, ref) in enumerate(images(data, n_heldout)):
-        rng = np.random.default_rng(1900 + i)
+        rng = np.random.default_rng(seed + i)
         hard_ras, hard = harden(vol.data, ref, vol.zooms, rng)
         image = nib.Nifti1Image(vol.to_native(hard_ras), vol.image.affine)
         before = from_image(sde.segment(image, model=spec, threads=threads).mask, name).data > 0
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("-model", default="seg_sc_epi", help="name[@version] or model folder (default seg_sc_epi)")
     p.add_argument("-data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder")
     p.add_argument("-heldout", type=int, default=16, help="held-out simulated stacks")
+    p.add_argument("-seed", type=int, default=1900, help="hardening seed (image i uses seed + i)")
     p.add_argument("-threads", type=int, default=1)
     p.add_argument("-o", default=None, help="also write the markdown here")
     a = p.parse_args(argv)
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         return 2
     from sct_deepseg_epi.api import load_model
 
-    text = markdown(study(a.model, data, a.heldout, a.threads), load_model(a.model).ref)
+    text = markdown(study(a.model, data, a.heldout, a.threads, a.seed), load_model(a.model).ref)
     print(text)
     if a.o:
         Path(a.o).write_text(text + "\n")

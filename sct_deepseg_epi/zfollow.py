@@ -71,6 +71,7 @@ FORCED = 1000.0       # the chain evidence of a prompted component: more than an
 # a prompted slice's re-run windows, smallest first: a small one normalises a local signal loss away
 # (the network sees the cord's own contrast again), a larger one keeps the context that a ghost needs
 PROMPT_WINDOWS_MM = (24.0, 32.0, 48.0)
+PROMPT_AGREE = 0.6  # an outline this close (Dice) to the neighbours' cord placed at the point is the cord
 
 
 @dataclass(frozen=True)
@@ -267,21 +268,25 @@ def _neighbour_shape(mask: np.ndarray, k: int, xy: tuple[int, int]) -> np.ndarra
     return out
 
 
-def _prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> tuple[np.ndarray, list[str]]:
-    """The soft map with the prompts' changes (re-run windows, components under 'not cord' zeroed)."""
+def _prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> tuple[np.ndarray, list[str], dict]:
+    """The soft map with the prompts' changes (windows' maximum on clicked slices, components under
+    'not cord' zeroed), each prompt's effect so far, and each cord point's candidate maps."""
     prob = prob.copy()
     effects = [""] * len(prompts)
+    maps: dict[int, list[np.ndarray]] = {}
     for n, p in enumerate(prompts):
         x, y, k = p.ras
         if p.cord:
-            # the windows' maximum: each size rescues what another misses (docs/postprocessing.md)
+            maps[n] = [prob[:, :, k].copy()]
             wins = [rerun(k, (x, y), size) for size in PROMPT_WINDOWS_MM] if rerun is not None else [None]
             if any(w is None for w in wins):
                 effects[n] = "norerun+"  # the model cannot: the slice's own map is all there is
-            else:
-                top = np.fmax.reduce(np.stack(wins))
-                prob[:, :, k] = np.where(np.isfinite(top), top, prob[:, :, k])
-                effects[n] = "rerun+"
+                continue
+            maps[n] += [np.where(np.isfinite(w), w, prob[:, :, k]) for w in wins]
+            # the chain sees the windows' maximum: each size rescues what another misses
+            prob[:, :, k] = np.fmax.reduce(np.stack(maps[n][1:]))
+            maps[n].append(prob[:, :, k].copy())
+            effects[n] = "rerun+"
     for n, p in enumerate(prompts):
         x, y, k = p.ras
         if not p.cord:
@@ -291,7 +296,7 @@ def _prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> 
                 lab, _ = label(prob[:, :, k] >= min(o.threshold, v), full=True)
                 prob[:, :, k][lab == lab[x, y]] = 0
                 effects[n] = "removed"
-    return prob, effects
+    return prob, effects, maps
 
 
 def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions(), *, prompts: Sequence = (),
@@ -324,8 +329,9 @@ def _follow(prob: np.ndarray, zooms, opts: ZFollowOptions, prompts: Sequence = (
     zooms = tuple(float(v) for v in zooms[:3])
     n_z = prob.shape[2]
     effects: list[str] = []
+    maps: dict[int, list[np.ndarray]] = {}
     if prompts:
-        prob, effects = _prompt_maps(prob, prompts, zooms, opts, rerun)
+        prob, effects, maps = _prompt_maps(prob, prompts, zooms, opts, rerun)
     mask = np.zeros(prob.shape, bool)
     kind = [""] * n_z
     lab, st = _components(prob, opts.threshold, zooms)
@@ -337,8 +343,8 @@ def _follow(prob: np.ndarray, zooms, opts: ZFollowOptions, prompts: Sequence = (
         keep &= ~np.isin(st["z"], list(forced_z)) | np.isin(np.arange(st["z"].size), list(forced))
     cand = np.flatnonzero(keep)
     if cand.size == 0:
-        return _apply_prompts(ZFollowResult(mask, kind, np.full((n_z, 2), np.nan)), prob, prompts, effects, {},
-                              zooms, opts, set())
+        return _apply_prompts(ZFollowResult(mask, kind, np.full((n_z, 2), np.nan)), prompts, effects, maps, {},
+                              zooms, opts)
     sub = {k: v[cand] for k, v in st.items()}
     bonus = np.where(np.isin(cand, list(forced)), FORCED, 0.0) if forced else None
     members = [int(cand[i]) for i in _chain(sub, zooms[2], opts, bonus)]
@@ -405,34 +411,51 @@ def _follow(prob: np.ndarray, zooms, opts: ZFollowOptions, prompts: Sequence = (
             k += step
     if opts.fill_holes:
         mask = fill_holes(mask)
-    chained = {int(lab[p.ras]) - 1 for p in prompts if p.cord and lab[p.ras]} & set(members)
     route = {int(st["z"][i]): (float(st["area"][i]), float(st["cx"][i]), float(st["cy"][i])) for i in members}
-    return _apply_prompts(ZFollowResult(mask, kind, line, route=route), prob, prompts, effects, kept_area, zooms, opts,
-                          chained, lab)
+    return _apply_prompts(ZFollowResult(mask, kind, line, route=route), prompts, effects, maps, kept_area, zooms, opts)
 
 
-def _apply_prompts(res: ZFollowResult, prob: np.ndarray, prompts, effects: list[str], kept_area: dict[int, float],
-                   zooms, o: ZFollowOptions, chained: set[int], lab: np.ndarray | None = None) -> ZFollowResult:
-    """The prompted slices' last word: cord grown from points not in the chain, 'not cord' removed."""
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
+
+
+def _apply_prompts(res: ZFollowResult, prompts, effects: list[str], maps: dict[int, list[np.ndarray]],
+                   kept_area: dict[int, float], zooms, o: ZFollowOptions) -> ZFollowResult:
+    """The clicked slices' last word: the outline at a cord point or the neighbours' shape; 'not cord' removed."""
     if not prompts:
         return res
     mask = res.mask
+    clicked = sorted({p.ras[2] for p in prompts})
+    # what the slices without a point hold: the clicked ones' neighbours, whatever the order of the points
+    around = mask.copy()
+    around[:, :, clicked] = False
+    areas = {z: a for z, a in kept_area.items() if z not in clicked}
     for n, p in enumerate(prompts):
         x, y, k = p.ras
         if not p.cord:
             continue
-        in_chain = lab is not None and lab[p.ras] and int(lab[p.ras]) - 1 in chained
-        ref = neighbour_median({z: a for z, a in kept_area.items() if z != k}, k)
-        comp = _grow(prob[:, :, k], (x, y), ref, zooms, o)
-        how = "chain" if in_chain else "grown"
-        if comp is None:  # no evidence the size of a cord: the neighbours' cross-section, at the point
-            comp, how = _neighbour_shape(mask, k, (x, y)), "shape"
+        ref = neighbour_median(areas, k)
+        prior = _neighbour_shape(around, k, (x, y))
+        # the outline on the windows' maximum (the map the chain saw: maps[n][-1]) first, then the others
+        outlines = [c for c in (_grow(m, (x, y), ref, zooms, o) for m in maps[n][::-1]) if c is not None]
+        if prior is None:
+            comp, how = (outlines[0], "outline") if outlines else (None, "none")
+        else:
+            # an outline close to the neighbours' cord placed at the point (the windows' maximum's if it is,
+            # else the closest); none: the network sees something else there (a ghost, the signal loss)
+            # and the neighbours' shape is the better guess
+            agree = [_dice(c, prior) for c in outlines]
+            if agree and agree[0] >= PROMPT_AGREE:
+                comp, how = outlines[0], "outline"
+            elif agree and max(agree) >= PROMPT_AGREE:
+                comp, how = outlines[int(np.argmax(agree))], "outline"
+            else:
+                comp, how = prior, "shape"
+        effects[n] += how
         if comp is None:
-            effects[n] += "none"
             continue
         mask[:, :, k] = fill_holes(comp[:, :, None])[:, :, 0] if o.fill_holes else comp
         res.kind[k] = "prompt"
-        effects[n] += how
     for p in prompts:
         x, y, k = p.ras
         if not p.cord and mask[x, y, k]:
