@@ -152,7 +152,7 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
     post = options.post(spec)
     points = read_prompts(options.prompts, vol)
     if points and post.method != "z":
-        raise OptionError(f"{options.prompts}: prompts need the z-following postprocessing (-postprocess z), "
+        raise OptionError(f"-prompt: points need the z-following postprocessing (-postprocess z), "
                           f"not -postprocess {post.method}")
     backend = backend_for(spec, options)
     if not (vol.is_4d and options.mode_4d == "each"):

@@ -305,10 +305,9 @@ class SliceBackend:
         win = []
         for axis in range(2):
             n = model_xy[axis]
-            size = min(n, int(round(size_mm / spec.spacing_mm[axis])))
-            size -= size % spec.size_multiple if size >= spec.size_multiple else 0
+            size = min(n, int(round(size_mm / spec.spacing_mm[axis])))  # padded to the size multiple below
             mid = (centre[axis] + 0.5) * n / data_ras.shape[axis]
-            lo = min(max(0, int(round(mid - size / 2))), n - size)
+            lo = min(max(0, int(np.floor(mid - size / 2))), n - size)
             win.append(slice(lo, lo + size))
         part = normalise(plane[win[0], win[1]], spec.normalisation)
         pad = tuple((0, (-part.shape[a]) % spec.size_multiple) for a in range(2))
