@@ -87,9 +87,25 @@ def _display(a: np.ndarray, fx: int, fy: int) -> np.ndarray:
     return np.repeat(np.repeat(a[::-1, ::-1].T, fy, axis=0), fx, axis=1)
 
 
+PROMPT_COLOURS = {1: (0.2, 1.0, 0.3), 2: (1.0, 0.3, 1.0)}  # a point on the cord: green; not cord: magenta
+
+
+def _mark(top: np.ndarray, ix: int, iy: int, shape: tuple[int, int], fx: int, fy: int, colour) -> None:
+    """A cross on the display tile at crop voxel (ix, iy) (as :func:`_display` places it)."""
+    if not (0 <= ix < shape[0] and 0 <= iy < shape[1]):
+        return
+    r = (shape[1] - 1 - iy) * fy + fy // 2
+    c = (shape[0] - 1 - ix) * fx + fx // 2
+    arm = 2 * max(fx, fy)
+    top[max(0, r - arm):r + arm + 1, max(0, c - 1):c + 2] = colour
+    top[max(0, r - 1):r + 2, max(0, c - arm):c + arm + 1] = colour
+
+
 def slice_tile(image: np.ndarray, mask: np.ndarray, disagreement: np.ndarray | None, centre: tuple[float, float],
-               zooms: tuple[float, float]) -> np.ndarray:
-    """One axial slice (RAS x, y) as an RGB tile: image + red mask outline, and under it the disagreement."""
+               zooms: tuple[float, float], points: Sequence[tuple[int, int, int]] = ()) -> np.ndarray:
+    """One axial slice (RAS x, y) as an RGB tile: image + red mask outline, and under it the disagreement.
+
+    ``points``: prompts on this slice, (x, y, value), drawn as crosses (:data:`PROMPT_COLOURS`)."""
     hx = int(np.ceil(CROP_MM / 2 / zooms[0]))
     hy = int(np.ceil(CROP_MM / 2 / zooms[1]))
     fx = max(1, int(round(PIXELS_PER_MM * zooms[0])))
@@ -100,6 +116,8 @@ def slice_tile(image: np.ndarray, mask: np.ndarray, disagreement: np.ndarray | N
     grey = _window(img)
     top = np.repeat(grey[..., None], 3, axis=2)
     top[_outline(m)] = (1.0, 0.15, 0.15)
+    for x, y, value in points:
+        _mark(top, x - cx + hx, y - cy + hy, (2 * hx + 1, 2 * hy + 1), fx, fy, PROMPT_COLOURS.get(value, (1, 1, 1)))
     rows = [top]
     if disagreement is not None:
         d = np.clip(_display(_crop(disagreement, cx, cy, hx, hy), fx, fy) / DISAGREEMENT_FULL, 0, 1)[..., None]
@@ -127,7 +145,7 @@ def _as_image(x) -> nib.Nifti1Image:
     return x if isinstance(x, nib.spatialimages.SpatialImage) else load_nifti(x)
 
 
-def _volume_entries(frames, masks, disagreements, zooms) -> list[dict]:
+def _volume_entries(frames, masks, disagreements, zooms, marks: dict[int, list[dict]] | None = None) -> list[dict]:
     from .handoff import cord_centreline
 
     volumes = []
@@ -141,10 +159,11 @@ def _volume_entries(frames, masks, disagreements, zooms) -> list[dict]:
         area = mask.reshape(-1, nz).sum(axis=0) * zooms[0] * zooms[1]
         slices = []
         for z in range(nz):
+            here = (marks or {}).get(z, [])
             tile = slice_tile(image[..., z], mask[..., z], None if dis is None else dis[..., z], tuple(centres[z]),
-                              zooms[:2])
+                              zooms[:2], [(p["x"], p["y"], p["value"]) for p in here])
             slices.append({"z": z, "area_mm2": round(float(area[z]), 2), "cord": bool(found[z]),
-                           "png": base64.b64encode(png_bytes(tile)).decode("ascii")})
+                           "png": base64.b64encode(png_bytes(tile)).decode("ascii"), "prompts": here})
         volumes.append({"label": label, "slices": slices,
                         "mean_disagreement": None if dis is None or not mask.any()
                         else round(float(dis[mask > 0].mean()), 4)})
@@ -175,10 +194,6 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
         frames = [(f"volume {t}", data[t]) for t in shown]
         masks = [ras(mask_data[..., t]) for t in shown]
         diss = [None if dis_data is None else ras(dis_data[..., t] if dis_data.ndim == 4 else dis_data) for t in shown]
-    volumes = _volume_entries(frames, masks, diss, vol.zooms)
-    per_volume = [ras(mask_data[..., t]) for t in range(n_t)] if n_t > 1 else masks
-    with_cord = [int(m.reshape(-1, m.shape[2]).any(axis=0).sum()) for m in per_volume]
-    n_slices = per_volume[0].shape[2]
     sidecar = sidecar_path(mask) if isinstance(mask, (str, Path)) else None
     model, side = None, {}
     if sidecar is not None and sidecar.is_file():
@@ -187,6 +202,11 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
             model = f"{side['model']['name']}@{side['model']['version']}"
         except (ValueError, KeyError, TypeError):
             model = None
+    marks = _prompts_by_z(side, vol)
+    volumes = _volume_entries(frames, masks, diss, vol.zooms, marks)
+    per_volume = [ras(mask_data[..., t]) for t in range(n_t)] if n_t > 1 else masks
+    with_cord = [int(m.reshape(-1, m.shape[2]).any(axis=0).sum()) for m in per_volume]
+    n_slices = per_volume[0].shape[2]
     flags = _flags_by_z(side, vol, n_slices)
     for v in volumes:
         for sl in v["slices"]:
@@ -208,8 +228,28 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
         "slices_with_cord": with_cord,
         "cord_volume_mm3": round(float(np.mean([m.sum() for m in per_volume]) * np.prod(vol.zooms)), 1),
         "flagged": sorted(flags),
+        "prompted": sorted(marks),
         "volumes": volumes,
     }
+
+
+def _prompts_by_z(side: dict, vol) -> dict[int, list[dict]]:
+    """The sidecar's prompts keyed by RAS z: {z: [{"x", "y", "value", "effect", "slice"}]} (RAS x, y)."""
+    from .prompts import _to_ras_index
+
+    rows = side.get("prompts") if isinstance(side, dict) else None
+    out: dict[int, list[dict]] = {}
+    shape = vol.image.shape[:3]
+    for r in rows if isinstance(rows, list) else []:
+        try:
+            voxel = [int(v) for v in r["voxel"]]
+            x, y, z = _to_ras_index(voxel, shape, vol.to_ras)
+            item = {"x": x, "y": y, "value": int(r["value"]), "effect": str(r.get("effect", "")), "slice": int(r["slice"])}
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue  # a sidecar edited by hand: show what can be read
+        if all(0 <= v < n for v, n in zip((x, y, z), vol.data.shape)):
+            out.setdefault(z, []).append(item)
+    return out
 
 
 def _flags_by_z(side: dict, vol, n_slices: int) -> dict[int, dict]:
@@ -239,6 +279,7 @@ th{background:#222} td.l,th.l{text-align:left} .warn{color:#fb4} .ok{color:#7d7}
 .mosaic{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;text-align:center;font-size:12px}
 figure img{display:block;image-rendering:pixelated;border:2px solid #3a3} figure.nocord img{border-color:#a33}
 figure.flag img{border:3px dashed #fb4} figure.flag figcaption{color:#fb4}
+figure.prompt img{border:3px solid #3d5} figure.prompt figcaption{color:#3d5}
 .legend{font-size:12px;color:#aaa;margin:4px 0} .sw{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px}
 svg text{fill:#aaa;font-size:10px}
 """
@@ -281,7 +322,9 @@ def _entry_html(e: dict, anchor: str) -> str:
                    'disagreement from <span class="sw" style="background:#fd2"></span>low to <span class="sw" '
                    'style="background:#f31"></span>high, with the outline in blue. Anterior up, patient\'s right on '
                    'the left; a red frame marks a slice without cord, a dashed orange frame a slice to check '
-                   '(reasons under it; the mask\'s sidecar lists them per slice).</div><div class="mosaic">')
+                   '(reasons under it; the mask\'s sidecar lists them per slice), a green frame a slice corrected by '
+                   'points (-prompt: a green cross on the cord, a magenta one on what is not cord).</div>'
+                   '<div class="mosaic">')
         for s in v["slices"]:
             flag = s.get("flag")
             cls = ' class="flag"' if flag else "" if s["cord"] else ' class="nocord"'
@@ -289,6 +332,10 @@ def _entry_html(e: dict, anchor: str) -> str:
             if flag:
                 cap += "<br>check: " + esc(", ".join(flag["reasons"]).replace("_", " ")) + (
                     f' (file slice {flag["slice"]})' if flag["slice"] != s["z"] else "")
+            for pt in s.get("prompts", []):
+                cap += "<br>point: " + ("cord" if pt["value"] == 1 else "not cord") + f' ({esc(pt["effect"])})'
+            if s.get("prompts"):
+                cls = ' class="prompt"'  # corrected by the user: their points say more than the flags
             out.append(f'<figure{cls}><img alt="slice {s["z"]}" src="data:image/png;base64,{s["png"]}">'
                        f"<figcaption>{cap}</figcaption></figure>")
         out.append("</div>")
