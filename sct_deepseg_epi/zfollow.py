@@ -71,7 +71,7 @@ FORCED = 1000.0       # the chain evidence of a prompted component: more than an
 # a prompted slice's re-run windows, smallest first: a small one normalises a local signal loss away
 # (the network sees the cord's own contrast again), a larger one keeps the context that a ghost needs
 PROMPT_WINDOWS_MM = (24.0, 32.0, 48.0)
-PROMPT_AGREE = 0.6  # an outline this close (Dice) to the neighbours' cord placed at the point is the cord
+PROMPT_AGREE = 0.7  # an outline this close (Dice) to the neighbours' cord placed at the point is the cord
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ class ZFollowResult:
     centreline_mm: np.ndarray  # (Z, 2) in-plane centre per slice (nan where there is no chain)
     prompts: list[str] = field(default_factory=list)  # each prompt's effect, in the order given
     route: dict[int, tuple] = field(default_factory=dict, repr=False)  # chain member per slice: (area, cx, cy)
+    maps: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)  # a cord point's candidate maps
 
 
 def _components(prob: np.ndarray, t: float, zooms) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -320,7 +321,7 @@ def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions(), *,
         for k in others:
             res.kind[k] = base.kind[k]
         res.centreline_mm = base.centreline_mm
-    return res
+    return _apply_prompts(res, prompts, tuple(float(v) for v in zooms[:3]), opts)
 
 
 def _follow(prob: np.ndarray, zooms, opts: ZFollowOptions, prompts: Sequence = (), rerun=None) -> ZFollowResult:
@@ -343,8 +344,7 @@ def _follow(prob: np.ndarray, zooms, opts: ZFollowOptions, prompts: Sequence = (
         keep &= ~np.isin(st["z"], list(forced_z)) | np.isin(np.arange(st["z"].size), list(forced))
     cand = np.flatnonzero(keep)
     if cand.size == 0:
-        return _apply_prompts(ZFollowResult(mask, kind, np.full((n_z, 2), np.nan)), prompts, effects, maps, {},
-                              zooms, opts)
+        return ZFollowResult(mask, kind, np.full((n_z, 2), np.nan), effects, maps=maps)
     sub = {k: v[cand] for k, v in st.items()}
     bonus = np.where(np.isin(cand, list(forced)), FORCED, 0.0) if forced else None
     members = [int(cand[i]) for i in _chain(sub, zooms[2], opts, bonus)]
@@ -412,24 +412,47 @@ def _follow(prob: np.ndarray, zooms, opts: ZFollowOptions, prompts: Sequence = (
     if opts.fill_holes:
         mask = fill_holes(mask)
     route = {int(st["z"][i]): (float(st["area"][i]), float(st["cx"][i]), float(st["cy"][i])) for i in members}
-    return _apply_prompts(ZFollowResult(mask, kind, line, route=route), prompts, effects, maps, kept_area, zooms, opts)
+    return ZFollowResult(mask, kind, line, effects, route=route, maps=maps)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
 
 
-def _apply_prompts(res: ZFollowResult, prompts, effects: list[str], maps: dict[int, list[np.ndarray]],
-                   kept_area: dict[int, float], zooms, o: ZFollowOptions) -> ZFollowResult:
-    """The clicked slices' last word: the outline at a cord point or the neighbours' shape; 'not cord' removed."""
-    if not prompts:
-        return res
-    mask = res.mask
+def _signed_distance(m: np.ndarray, zooms) -> np.ndarray:
+    """Distance (mm) from each pixel centre to the mask's edge: negative inside, positive outside."""
+    pts = np.argwhere(np.ones(m.shape, bool)) * np.asarray(zooms[:2])
+    inside, outside = pts[m.ravel()], pts[~m.ravel()]
+    out = np.empty(m.size)
+    for sel, other, sign in ((m.ravel(), outside, -1.0), (~m.ravel(), inside, 1.0)):
+        d = np.sqrt(((pts[sel][:, None, :] - other[None, :, :]) ** 2).sum(-1)).min(1) if other.size else 1e3
+        out[sel] = sign * d
+    return out.reshape(m.shape)
+
+
+def _blend(outline: np.ndarray, prior: np.ndarray, xy: tuple[int, int], zooms) -> np.ndarray:
+    """An outline pulled halfway towards the neighbours' shape: the mean of their signed distances < 0,
+    the component at the point (the outline itself when that misses the point). blend(m, m) is m."""
+    both = np.argwhere(outline | prior)
+    lo = np.maximum(both.min(0) - 2, 0)
+    hi = np.minimum(both.max(0) + 3, outline.shape)
+    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))  # small: the distances are computed pixel to pixel
+    inside = np.zeros(outline.shape, bool)
+    inside[box] = _signed_distance(outline[box], zooms) + _signed_distance(prior[box], zooms) < 0
+    lab, _ = label(inside, full=True)
+    return lab == lab[xy] if lab[xy] else outline
+
+
+def _apply_prompts(res: ZFollowResult, prompts, zooms, o: ZFollowOptions) -> ZFollowResult:
+    """The clicked slices' last word, once the others are final: the outline at a cord point or the
+    neighbours' shape; 'not cord' removed."""
+    mask, effects, maps = res.mask, res.prompts, res.maps
     clicked = sorted({p.ras[2] for p in prompts})
     # what the slices without a point hold: the clicked ones' neighbours, whatever the order of the points
     around = mask.copy()
     around[:, :, clicked] = False
-    areas = {z: a for z, a in kept_area.items() if z not in clicked}
+    pix = zooms[0] * zooms[1]
+    areas = {int(z): float(around[:, :, z].sum() * pix) for z in np.flatnonzero(around.any(axis=(0, 1)))}
     for n, p in enumerate(prompts):
         x, y, k = p.ras
         if not p.cord:
@@ -442,13 +465,13 @@ def _apply_prompts(res: ZFollowResult, prompts, effects: list[str], maps: dict[i
             comp, how = (outlines[0], "outline") if outlines else (None, "none")
         else:
             # an outline close to the neighbours' cord placed at the point (the windows' maximum's if it is,
-            # else the closest); none: the network sees something else there (a ghost, the signal loss)
-            # and the neighbours' shape is the better guess
+            # else the closest), pulled towards that shape; none: the network sees something else there
+            # (a ghost, the signal loss) and the neighbours' shape is the better guess
             agree = [_dice(c, prior) for c in outlines]
             if agree and agree[0] >= PROMPT_AGREE:
-                comp, how = outlines[0], "outline"
+                comp, how = _blend(outlines[0], prior, (x, y), zooms), "outline"
             elif agree and max(agree) >= PROMPT_AGREE:
-                comp, how = outlines[int(np.argmax(agree))], "outline"
+                comp, how = _blend(outlines[int(np.argmax(agree))], prior, (x, y), zooms), "outline"
             else:
                 comp, how = prior, "shape"
         effects[n] += how
@@ -461,5 +484,5 @@ def _apply_prompts(res: ZFollowResult, prompts, effects: list[str], maps: dict[i
         if not p.cord and mask[x, y, k]:
             sl, _ = label(mask[:, :, k], full=True)
             mask[:, :, k] &= sl != sl[x, y]
-    res.prompts = effects
+    res.maps = {}
     return res
