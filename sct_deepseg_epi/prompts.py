@@ -6,7 +6,14 @@ reader (:func:`~sct_deepseg_epi.read.load_nifti`) and turned to RAS with the inp
 orientation, so a point lands on the same voxel whatever the file's axes. Touching voxels of
 one value on one slice (a brush stroke) count as one point, at the voxel nearest their centre.
 
-What a point does is decided in the z-following postprocessing (:mod:`.zfollow`, "Prompts").
+What a point does is part of the z-following postprocessing (:mod:`.zfollow`, "Prompts"),
+which calls :func:`prompt_maps` before it looks for candidates and :func:`apply_prompts` at
+the end. Each point's effect, in the sidecar: for a point on the cord, ``rerun+`` (the
+members ran again on windows around it; ``norerun+``: the model cannot, nnU-Net's recipe
+runs on the whole field) then ``outline`` (the network's outline at the point, pulled towards
+the neighbours' cord), ``shape`` (the neighbours' cord placed at the point: the network's
+outlines there disagree with it) or ``none`` (no cord anywhere to take a shape from, nothing
+grown); for a point not cord, ``removed`` or ``nothing_under``.
 """
 from __future__ import annotations
 
@@ -18,12 +25,19 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation
 
-from .confidence import slice_axis
+from .confidence import neighbour_median, slice_axis
 from .errors import InputError
 from .ndimage import label
+from .postprocess import fill_holes
 from .read import READ_ERRORS, Volume, load_nifti, one_line
+from .zfollow import ZFollowOptions, ZFollowResult, component_at
 
 CORD, NOT_CORD = 1, 2
+PROMPT_SEED_MM = 3.0  # a point's seed: the map's maximum this close to it (a click is rarely on the peak)
+# a prompted slice's re-run windows, smallest first: a small one normalises a local signal loss away
+# (the network sees the cord's own contrast again), a larger one keeps the context that a ghost needs
+PROMPT_WINDOWS_MM = (24.0, 32.0, 48.0)
+PROMPT_AGREE = 0.7  # an outline this close (Dice) to the neighbours' cord placed at the point is the cord
 # what segment(prompts=...) takes: a label file, a label image, or (i, j, k, value) voxel points
 PromptSource = Union[str, Path, nib.Nifti1Image, Sequence[Sequence[int]]]
 
@@ -140,3 +154,150 @@ def ras_label_image(points: Sequence[Point], shape: tuple[int, int, int]) -> np.
 def native_labels(points: Sequence[Point], vol: Volume) -> np.ndarray:
     """The points on the input's own grid (a check that reading and writing agree)."""
     return apply_orientation(ras_label_image(points, vol.data.shape[:3]), vol.from_ras)
+
+
+# --- what the points do, in z-following (zfollow.py calls these) ---------------------------------
+
+def _seed(prob2: np.ndarray, xy: tuple[int, int], zooms) -> tuple[int, int]:
+    """The map's maximum within PROMPT_SEED_MM of a point (the point itself on a tie)."""
+    nx, ny = prob2.shape
+    gx = ((np.arange(nx) - xy[0]) * zooms[0]) ** 2
+    gy = ((np.arange(ny) - xy[1]) * zooms[1]) ** 2
+    near = np.where(gx[:, None] + gy[None, :] <= PROMPT_SEED_MM ** 2, prob2, -1.0)
+    near[xy] += 1e-6
+    return np.unravel_index(int(np.argmax(near)), near.shape)  # type: ignore[return-value]
+
+
+def _grow(prob2: np.ndarray, xy: tuple[int, int], ref_area: float, zooms, o: ZFollowOptions) -> np.ndarray | None:
+    """A prompted slice's cord: grown from the point down step 5's ladder (at most to ``floor``)."""
+    seed = _seed(prob2, xy, zooms)
+    m = float(prob2[seed])
+    if m < o.floor:
+        return None
+    ladder = [o.threshold] if m >= o.threshold else []
+    ladder += sorted({max(o.floor, o.relative ** i * min(m, o.threshold)) for i in range(1, o.ladder + 1)}, reverse=True)
+    for t in ladder:
+        comp = component_at(prob2, seed, t, ref_area, zooms, o)
+        if comp is not None and (np.isnan(ref_area) or comp.sum() * zooms[0] * zooms[1] >= o.min_area_ratio * ref_area):
+            return comp
+    return None
+
+
+def _neighbour_shape(mask: np.ndarray, k: int, xy: tuple[int, int]) -> np.ndarray | None:
+    """The nearest slice's cord (the one below on a tie), moved so that its centroid lies on the point."""
+    has = np.flatnonzero(mask.any(axis=(0, 1)))
+    has = has[has != k]
+    if has.size == 0:
+        return None
+    src = mask[:, :, int(has[np.argmin(np.abs(has - k) + 0.1 * (has > k))])]
+    ii, jj = np.nonzero(src)
+    dx, dy = int(round(xy[0] - ii.mean())), int(round(xy[1] - jj.mean()))
+    ii, jj = ii + dx, jj + dy
+    ok = (ii >= 0) & (ii < mask.shape[0]) & (jj >= 0) & (jj < mask.shape[1])
+    out = np.zeros(mask.shape[:2], bool)
+    out[ii[ok], jj[ok]] = True
+    return out
+
+
+def prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> tuple[np.ndarray, list[str], dict]:
+    """The soft map with the prompts' changes (windows' maximum on clicked slices, components under
+    'not cord' zeroed), each prompt's effect so far, and each cord point's candidate maps."""
+    prob = prob.copy()
+    effects = [""] * len(prompts)
+    maps: dict[int, list[np.ndarray]] = {}
+    for n, p in enumerate(prompts):
+        x, y, k = p.ras
+        if p.cord:
+            maps[n] = [prob[:, :, k].copy()]
+            wins = [rerun(k, (x, y), size) for size in PROMPT_WINDOWS_MM] if rerun is not None else [None]
+            if any(w is None for w in wins):
+                effects[n] = "norerun+"  # the model cannot: the slice's own map is all there is
+                continue
+            maps[n] += [np.where(np.isfinite(w), w, prob[:, :, k]) for w in wins]
+            # the chain sees the windows' maximum: each size rescues what another misses
+            prob[:, :, k] = np.fmax.reduce(np.stack(maps[n][1:]))
+            maps[n].append(prob[:, :, k].copy())
+            effects[n] = "rerun+"
+    for n, p in enumerate(prompts):
+        x, y, k = p.ras
+        if not p.cord:
+            v = float(prob[x, y, k])
+            effects[n] = "nothing_under"
+            if v >= o.floor:
+                lab, _ = label(prob[:, :, k] >= min(o.threshold, v), full=True)
+                prob[:, :, k][lab == lab[x, y]] = 0
+                effects[n] = "removed"
+    return prob, effects, maps
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
+
+
+def _signed_distance(m: np.ndarray, zooms) -> np.ndarray:
+    """Distance (mm) from each pixel centre to the mask's edge: negative inside, positive outside."""
+    pts = np.argwhere(np.ones(m.shape, bool)) * np.asarray(zooms[:2])
+    inside, outside = pts[m.ravel()], pts[~m.ravel()]
+    out = np.empty(m.size)
+    for sel, other, sign in ((m.ravel(), outside, -1.0), (~m.ravel(), inside, 1.0)):
+        d = np.sqrt(((pts[sel][:, None, :] - other[None, :, :]) ** 2).sum(-1)).min(1) if other.size else 1e3
+        out[sel] = sign * d
+    return out.reshape(m.shape)
+
+
+def _blend(outline: np.ndarray, prior: np.ndarray, xy: tuple[int, int], zooms) -> np.ndarray:
+    """An outline pulled halfway towards the neighbours' shape: the mean of their signed distances < 0,
+    the component at the point (the outline itself when that misses the point). blend(m, m) is m."""
+    both = np.argwhere(outline | prior)
+    lo = np.maximum(both.min(0) - 2, 0)
+    hi = np.minimum(both.max(0) + 3, outline.shape)
+    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))  # small: the distances are computed pixel to pixel
+    inside = np.zeros(outline.shape, bool)
+    inside[box] = _signed_distance(outline[box], zooms) + _signed_distance(prior[box], zooms) < 0
+    lab, _ = label(inside, full=True)
+    return lab == lab[xy] if lab[xy] else outline
+
+
+def apply_prompts(res: ZFollowResult, prompts, zooms, o: ZFollowOptions) -> ZFollowResult:
+    """The clicked slices' last word, once the others are final: the outline at a cord point or the
+    neighbours' shape; 'not cord' removed."""
+    mask, effects, maps = res.mask, res.prompts, res.maps
+    clicked = sorted({p.ras[2] for p in prompts})
+    # what the slices without a point hold: the clicked ones' neighbours, whatever the order of the points
+    around = mask.copy()
+    around[:, :, clicked] = False
+    pix = zooms[0] * zooms[1]
+    areas = {int(z): float(around[:, :, z].sum() * pix) for z in np.flatnonzero(around.any(axis=(0, 1)))}
+    for n, p in enumerate(prompts):
+        x, y, k = p.ras
+        if not p.cord:
+            continue
+        ref = neighbour_median(areas, k)
+        prior = _neighbour_shape(around, k, (x, y))
+        # the outline on the windows' maximum (the map the chain saw: maps[n][-1]) first, then the others
+        outlines = [c for c in (_grow(m, (x, y), ref, zooms, o) for m in maps[n][::-1]) if c is not None]
+        if prior is None:
+            comp, how = (outlines[0], "outline") if outlines else (None, "none")
+        else:
+            # an outline close to the neighbours' cord placed at the point (the windows' maximum's if it is,
+            # else the closest), pulled towards that shape; none: the network sees something else there
+            # (a ghost, the signal loss) and the neighbours' shape is the better guess
+            agree = [_dice(c, prior) for c in outlines]
+            if agree and agree[0] >= PROMPT_AGREE:
+                comp, how = _blend(outlines[0], prior, (x, y), zooms), "outline"
+            elif agree and max(agree) >= PROMPT_AGREE:
+                comp, how = _blend(outlines[int(np.argmax(agree))], prior, (x, y), zooms), "outline"
+            else:
+                comp, how = prior, "shape"
+        effects[n] += how
+        if comp is None:
+            continue
+        mask[:, :, k] = fill_holes(comp[:, :, None])[:, :, 0] if o.fill_holes else comp
+        res.kind[k] = "prompt"
+    for p in prompts:
+        x, y, k = p.ras
+        if not p.cord and mask[x, y, k]:
+            sl, _ = label(mask[:, :, k], full=True)
+            mask[:, :, k] &= sl != sl[x, y]
+    res.maps = {}
+    return res
