@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prompted correction, measured: one click per missed or wrong slice, on slices made hard.
 
-    python benchmarks/prompt_study.py [-model seg_sc_epi] [-data ../shared/data] [-heldout 16] [-seed 1900] [-o table.md]
+    python benchmarks/prompt_study.py [-model seg_sc_epi] [-data ../shared/data] [-heldout 16] [-seed 1900] [-jitter 0] [-o table.md]
 
 Images: the held-out simulated stacks (``sct_deepseg_epi.training.validate.heldout_simulated``)
 and the two real validation series of ``benchmarks/validation.py`` (the temporal mean of
@@ -18,7 +18,7 @@ the same call gives the same images) get, on the RAS grid, in turn,
 Then ``segment`` runs on the hard image (as a user would, through the API), per-slice Dice
 against the reference is computed on the RAS grid, and every reference cord slice with Dice
 < 0.7 (missed or wrong) gets one point on the cord at the reference mask's centroid (the
-reference voxel nearest it). ``segment`` runs again with those prompts. The table gives,
+reference voxel nearest it; ``-jitter MM``: a reference voxel within MM of it, at random). ``segment`` runs again with those prompts. The table gives,
 per image, the prompted slices' Dice before -> after, and for every other slice (the
 untouched ones) how many changed at all and their mean Dice before -> after; then the
 prompted slices by kind (``other``: a slice the hardening did not touch but whose
@@ -70,11 +70,14 @@ def slice_dice(mask: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.where(tot > 0, 2 * inter / np.maximum(tot, 1), 1.0)
 
 
-def centroid_point(ref2: np.ndarray) -> tuple[int, int]:
-    """The reference voxel nearest the reference's centroid on one slice."""
+def centroid_point(ref2: np.ndarray, zooms=(1.0, 1.0), jitter_mm: float = 0.0, rng=None) -> tuple[int, int]:
+    """The reference voxel nearest the reference's centroid on one slice; with ``jitter_mm``, a
+    reference voxel drawn at random within that distance of the centroid (a user's less exact click)."""
     pts = np.argwhere(ref2)
-    c = pts.mean(0)
-    return tuple(int(v) for v in pts[int(np.argmin(((pts - c) ** 2).sum(1)))])  # type: ignore[return-value]
+    d = np.hypot(*((pts - pts.mean(0)) * np.asarray(zooms[:2])).T)
+    near = np.flatnonzero(d <= jitter_mm) if jitter_mm > 0 else []
+    pick = int(rng.choice(near)) if len(near) else int(np.argmin(d))
+    return tuple(int(v) for v in pts[pick])  # type: ignore[return-value]
 
 
 def images(data: Path, n_heldout: int):
@@ -92,7 +95,7 @@ def images(data: Path, n_heldout: int):
     return out
 
 
-def study(model: str, data: Path, n_heldout: int, threads: int, seed: int = 1900) -> list[dict]:
+def study(model: str, data: Path, n_heldout: int, threads: int, seed: int = 1900, jitter_mm: float = 0.0) -> list[dict]:
     import nibabel as nib
 
     import sct_deepseg_epi as sde
@@ -116,7 +119,7 @@ def study(model: str, data: Path, n_heldout: int, threads: int, seed: int = 1900
         if bad:
             native = np.zeros(vol.data.shape, np.uint8)
             for k in bad:
-                native[centroid_point(ref[:, :, k]) + (k,)] = 1
+                native[centroid_point(ref[:, :, k], vol.zooms, jitter_mm, rng) + (k,)] = 1
             labels = nib.Nifti1Image(vol.to_native(native), vol.image.affine)
             seg = sde.segment(image, model=spec, threads=threads, prompts=labels)
             after = from_image(seg.mask, name).data > 0
@@ -136,8 +139,9 @@ def _fmt(v: list[float]) -> str:
     return f"{np.mean(v):.2f}" if v else "-"
 
 
-def markdown(rows: list[dict], model: str) -> str:
-    lines = [f"Model {model}. Prompted: reference cord slices with Dice < {BAD} on the hard image, one point each.", "",
+def markdown(rows: list[dict], model: str, note: str = "") -> str:
+    lines = [f"Model {model}{note}. Prompted: reference cord slices with Dice < {BAD} on the hard image, one point each.",
+             "",
              "| image | slices | hard | prompted | prompted Dice before -> after (mean) | worst after "
              "| effects | untouched slices changed | untouched Dice before -> after |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -171,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("-data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder")
     p.add_argument("-heldout", type=int, default=16, help="held-out simulated stacks")
     p.add_argument("-seed", type=int, default=1900, help="hardening seed (image i uses seed + i)")
+    p.add_argument("-jitter", type=float, default=0.0,
+                   help="click a reference voxel within this many mm of the centroid, at random (default 0: the centroid)")
     p.add_argument("-threads", type=int, default=1)
     p.add_argument("-o", default=None, help="also write the markdown here")
     a = p.parse_args(argv)
@@ -181,7 +187,8 @@ def main(argv=None) -> int:
         return 2
     from sct_deepseg_epi.api import load_model
 
-    text = markdown(study(a.model, data, a.heldout, a.threads, a.seed), load_model(a.model).ref)
+    note = f", seed {a.seed}, {a.heldout} held-out stacks" + (f", clicks within {a.jitter:g} mm of the centroid" if a.jitter else "")
+    text = markdown(study(a.model, data, a.heldout, a.threads, a.seed, a.jitter), load_model(a.model).ref, note)
     print(text)
     if a.o:
         Path(a.o).write_text(text + "\n")
