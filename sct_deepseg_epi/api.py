@@ -13,8 +13,8 @@ import platform
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import nibabel as nib
@@ -101,7 +101,7 @@ class Frame:
     probability: np.ndarray   # float32, ensemble mean
     disagreement: np.ndarray  # float32, std across members
     slices: list[dict] = field(default_factory=list)  # per-slice confidence (confidence.py), input's order
-    prompts: list[str] = field(default_factory=list)  # each prompt's effect (zfollow.py), in the prompts' order
+    prompts: list[dict] = field(default_factory=list)  # each point and what it did (prompts.Point.record)
 
 
 @dataclass
@@ -136,7 +136,8 @@ def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: Post
     report = slice_report(mask, probs.probability, probs.disagreement, vol.zooms, post.threshold)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
     return mask, Frame(vol.to_native(mask), vol.to_native(probs.probability).astype(np.float32),
-                       vol.to_native(probs.disagreement).astype(np.float32), to_native(report, vol.to_ras), effects)
+                       vol.to_native(probs.disagreement).astype(np.float32), to_native(report, vol.to_ras),
+                       [p.record(e) for p, e in zip(points, effects)])
 
 
 def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[str, float] | None = None) -> Iterator[Frame]:
@@ -166,17 +167,17 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
         yield _segment_ras(frame, vol, backend, post, timings, region, points=points)[1]
 
 
-def prompt_block(options: Options, vol: Volume, effects: list[list[str]]) -> dict[str, Any]:
-    """The sidecar's ``prompts``: each point (slice, voxel, mm) and what it did, over the volumes segmented."""
-    points = read_prompts(options.prompts, vol) if options.prompts is not None else []
-    if not points:
+def prompt_block(records: list[list[dict]]) -> dict[str, Any]:
+    """The sidecar's ``prompts`` from each volume's (:attr:`Frame.prompts`): one row per point, its most
+    frequent effect and, when the volumes of a series differ, ``effects`` with their counts."""
+    if not records or not records[0]:
         return {}
     rows = []
-    for n, p in enumerate(points):
-        seen = [e[n] for e in effects if n < len(e)]
+    for same_point in zip(*records):
+        seen = [r["effect"] for r in same_point]
         counts = {e: seen.count(e) for e in dict.fromkeys(seen)}
-        row = p.record(max(counts, key=counts.get) if counts else "")
-        if len(counts) > 1:  # -4d each: the volumes differed
+        row = {**same_point[0], "effect": max(counts, key=counts.get)}
+        if len(counts) > 1:
             row["effects"] = counts
         rows.append(row)
     return {"prompts": rows}
@@ -221,7 +222,7 @@ def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpe
     seg = Segmentation(like(arrays[0], ref), like(arrays[1], ref), like(arrays[2], ref), spec,
                        backend_for(spec, options).provider, options, vol.source, timings, list(vol.warnings),
                        {**sidecar_block([f.slices for f in frames], vol.to_ras),
-                        **prompt_block(options, vol, [f.prompts for f in frames])})
+                        **prompt_block([f.prompts for f in frames])})
     _warn_if_empty(seg.warnings, vol.source, int(np.count_nonzero(arrays[0])))
     return seg
 
@@ -326,7 +327,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         frames = iter_frames(vol, spec, options, timings)
         n_cord = 0
         reports = []
-        effects = []
+        prompted = []
         with ExitStack() as stack:
             if each:
                 writers = {k: stack.enter_context(FrameWriter(targets[k], vol.image, shape, maps[k][1],
@@ -334,7 +335,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
                 for done, frame in enumerate(frames, 1):
                     n_cord += int(np.count_nonzero(frame.mask))
                     reports.append(frame.slices)
-                    effects.append(frame.prompts)
+                    prompted.append(frame.prompts)
                     for k, w in writers.items():
                         w.write(getattr(frame, maps[k][0]))
                     if progress is not None:
@@ -346,7 +347,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
                 frame = next(frames)
                 n_cord = int(np.count_nonzero(frame.mask))
                 reports.append(frame.slices)
-                effects.append(frame.prompts)
+                prompted.append(frame.prompts)
                 t1 = time.perf_counter()
                 for k in maps_to_write:
                     save_nifti(like(getattr(frame, maps[k][0]).astype(maps[k][1]), vol.image), targets[k],
@@ -358,7 +359,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
                           n_cord, input_sha256=input_sha256 or store.sha256_file(input_path),
                           outputs={k: Path(targets[k]).name for k in maps_to_write},
-                          confidence={**sidecar_block(reports, vol.to_ras), **prompt_block(options, vol, effects)})
+                          confidence={**sidecar_block(reports, vol.to_ras), **prompt_block(prompted)})
         save_json(prov, targets["sidecar"], tmp=outputs.temp("sidecar"))
     outputs.commit()
     result = RunResult(out, targets["sidecar"], {k: targets[k] for k in maps_to_write if k != "mask"}, prov)

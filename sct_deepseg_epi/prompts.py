@@ -268,6 +268,7 @@ def apply_prompts(res: ZFollowResult, prompts, zooms, o: ZFollowOptions) -> ZFol
     around[:, :, clicked] = False
     pix = zooms[0] * zooms[1]
     areas = {int(z): float(around[:, :, z].sum() * pix) for z in np.flatnonzero(around.any(axis=(0, 1)))}
+    decided: set[int] = set()  # several points on one slice: the union of what each finds
     for n, p in enumerate(prompts):
         x, y, k = p.ras
         if not p.cord:
@@ -292,7 +293,9 @@ def apply_prompts(res: ZFollowResult, prompts, zooms, o: ZFollowOptions) -> ZFol
         effects[n] += how
         if comp is None:
             continue
-        mask[:, :, k] = fill_holes(comp[:, :, None])[:, :, 0] if o.fill_holes else comp
+        comp = fill_holes(comp[:, :, None])[:, :, 0] if o.fill_holes else comp
+        mask[:, :, k] = (mask[:, :, k] | comp) if k in decided else comp
+        decided.add(k)
         res.kind[k] = "prompt"
     for p in prompts:
         x, y, k = p.ras

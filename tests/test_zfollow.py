@@ -260,3 +260,11 @@ def test_clicks_that_only_add_chain_members_leave_the_other_slices_as_they_were(
     assert out.prompts == ["rerun+outline"] * 2 and out.mask[:, :, :2].any(axis=(0, 1)).all()
     np.testing.assert_array_equal(out.mask[:, :, 2:], base.mask[:, :, 2:])
     assert out.kind[2:] == base.kind[2:]
+
+
+def test_two_cord_points_on_one_slice_keep_both_objects():
+    prob = cord()
+    prob[:, :, 9] = 0
+    twin = np.maximum(disc(prob.shape[:2], ZOOMS, (20.0, 31.0), 3.5, 1.0), disc(prob.shape[:2], ZOOMS, (42.0, 31.0), 3.5, 1.0))
+    out = zfollow(prob, ZOOMS, prompts=[Click(21, 32, 9), Click(43, 32, 9)], rerun=lambda z, c, s: twin)
+    assert out.mask[21, 32, 9] and out.mask[43, 32, 9] and out.prompts == ["rerun+outline"] * 2
