@@ -156,6 +156,21 @@ def native_labels(points: Sequence[Point], vol: Volume) -> np.ndarray:
     return apply_orientation(ras_label_image(points, vol.data.shape[:3]), vol.from_ras)
 
 
+def sidecar_points(side: dict, vol: Volume) -> dict[int, list[dict]]:
+    """A sidecar's ``prompts`` keyed by RAS z: {z: [{"x", "y", "value", "effect", "slice"}]} (RAS x, y)."""
+    rows = side.get("prompts") if isinstance(side, dict) else None
+    out: dict[int, list[dict]] = {}
+    for r in rows if isinstance(rows, list) else []:
+        try:
+            x, y, z = _to_ras_index([int(v) for v in r["voxel"]], vol.image.shape[:3], vol.to_ras)
+            item = {"x": x, "y": y, "value": int(r["value"]), "effect": str(r.get("effect", "")), "slice": int(r["slice"])}
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue  # a sidecar edited by hand: show what can be read
+        if all(0 <= v < n for v, n in zip((x, y, z), vol.data.shape)):
+            out.setdefault(z, []).append(item)
+    return out
+
+
 # --- what the points do, in z-following (zfollow.py calls these) ---------------------------------
 
 def _seed(prob2: np.ndarray, xy: tuple[int, int], zooms) -> tuple[int, int]:

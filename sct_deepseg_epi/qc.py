@@ -32,6 +32,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation
 
 from .errors import InputError
+from .prompts import sidecar_points
 from .read import load_nifti, read_volume, strip_nifti_suffix
 from .write import atomic_path, like, save_nifti, sidecar_path
 
@@ -202,7 +203,7 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
             model = f"{side['model']['name']}@{side['model']['version']}"
         except (ValueError, KeyError, TypeError):
             model = None
-    marks = _prompts_by_z(side, vol)
+    marks = sidecar_points(side, vol)
     volumes = _volume_entries(frames, masks, diss, vol.zooms, marks)
     per_volume = [ras(mask_data[..., t]) for t in range(n_t)] if n_t > 1 else masks
     with_cord = [int(m.reshape(-1, m.shape[2]).any(axis=0).sum()) for m in per_volume]
@@ -231,25 +232,6 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
         "prompted": sorted(marks),
         "volumes": volumes,
     }
-
-
-def _prompts_by_z(side: dict, vol) -> dict[int, list[dict]]:
-    """The sidecar's prompts keyed by RAS z: {z: [{"x", "y", "value", "effect", "slice"}]} (RAS x, y)."""
-    from .prompts import _to_ras_index
-
-    rows = side.get("prompts") if isinstance(side, dict) else None
-    out: dict[int, list[dict]] = {}
-    shape = vol.image.shape[:3]
-    for r in rows if isinstance(rows, list) else []:
-        try:
-            voxel = [int(v) for v in r["voxel"]]
-            x, y, z = _to_ras_index(voxel, shape, vol.to_ras)
-            item = {"x": x, "y": y, "value": int(r["value"]), "effect": str(r.get("effect", "")), "slice": int(r["slice"])}
-        except (KeyError, TypeError, ValueError, IndexError):
-            continue  # a sidecar edited by hand: show what can be read
-        if all(0 <= v < n for v, n in zip((x, y, z), vol.data.shape)):
-            out.setdefault(z, []).append(item)
-    return out
 
 
 def _flags_by_z(side: dict, vol, n_slices: int) -> dict[int, dict]:
