@@ -53,6 +53,11 @@ class Backend(Protocol):
     def region_around(self, mask_ras: np.ndarray, vol: Volume) -> Any:
         """The region to run the volumes of a series on, from the mask of its mean (None: everything)."""
 
+    def predict_window(self, data_ras: np.ndarray, vol: Volume, z: int, centre: tuple[int, int],
+                       size_mm: float) -> np.ndarray | None:
+        """The members' probability on RAS slice ``z`` in a window of ``size_mm`` centred on voxel ``centre`` and
+        normalised on that window: (X, Y), NaN outside it; None when this kind of model cannot (a prompt says so)."""
+
 
 _CACHE: dict[tuple, Backend] = {}
 

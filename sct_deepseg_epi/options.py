@@ -202,6 +202,12 @@ class Options:
                                  "it (default 1; 0 runs the ensemble on the whole field, slower)."))
     threads: int | None = field(default=None, metadata=_flag(
         "-threads", "<int>", _whole(1), "CPU threads for inference (default: all CPUs available to this process)."))
+    # a label file, a label image or (i, j, k, value) voxel points: prompts.read_prompts
+    prompts: Any = field(default=None, metadata=_flag(
+        "-prompt", "<file>", None, "Points that correct the mask: a label image on the input's grid (as "
+        "sct_label_utils -create-viewer or FSLeyes write it), 1 on the cord where a slice was missed or wrong, "
+        "2 on an object that is not cord. Slices without a point are segmented as without this option "
+        "(docs/postprocessing.md)."))
 
     def __post_init__(self):
         if self.threshold is not None and float(self.threshold) == 0:  # SCT's spelling of the soft map
@@ -250,6 +256,8 @@ class Options:
         d.setdefault("method", None)
         if not self.localise:
             d["localise"] = False
+        if self.prompts is not None:
+            d["prompts"] = str(self.prompts)
         return d
 
 

@@ -41,6 +41,7 @@ from nibabel.orientations import apply_orientation
 from .errors import InputError
 from .options import check_report_name
 from .outputs import OutputSet, check_outputs, make_folders, remove_folders
+from .prompts import sidecar_points
 from .qc_page import PAGE_MARK, entry_html, render_page
 from .read import load_nifti, one_line, read_volume, strip_nifti_suffix
 from .write import like, save_nifti, sidecar_path
@@ -99,9 +100,25 @@ def _display(a: np.ndarray, fx: int, fy: int) -> np.ndarray:
     return np.repeat(np.repeat(a[::-1, ::-1].T, fy, axis=0), fx, axis=1)
 
 
+PROMPT_COLOURS = {1: (0.2, 1.0, 0.3), 2: (1.0, 0.3, 1.0)}  # a point on the cord: green; not cord: magenta
+
+
+def _mark(top: np.ndarray, ix: int, iy: int, shape: tuple[int, int], fx: int, fy: int, colour) -> None:
+    """A cross on the display tile at crop voxel (ix, iy) (as :func:`_display` places it)."""
+    if not (0 <= ix < shape[0] and 0 <= iy < shape[1]):
+        return
+    r = (shape[1] - 1 - iy) * fy + fy // 2
+    c = (shape[0] - 1 - ix) * fx + fx // 2
+    arm = 2 * max(fx, fy)
+    top[max(0, r - arm):r + arm + 1, max(0, c - 1):c + 2] = colour
+    top[max(0, r - 1):r + 2, max(0, c - arm):c + arm + 1] = colour
+
+
 def slice_tile(image: np.ndarray, mask: np.ndarray, disagreement: np.ndarray | None, centre: tuple[float, float],
-               zooms: tuple[float, float]) -> np.ndarray:
-    """One axial slice (RAS x, y) as an RGB tile: image + red mask outline, and under it the disagreement."""
+               zooms: tuple[float, float], points: Sequence[tuple[int, int, int]] = ()) -> np.ndarray:
+    """One axial slice (RAS x, y) as an RGB tile: image + red mask outline, and under it the disagreement.
+
+    ``points``: prompts on this slice, (x, y, value), drawn as crosses (:data:`PROMPT_COLOURS`)."""
     hx = int(np.ceil(CROP_MM / 2 / zooms[0]))
     hy = int(np.ceil(CROP_MM / 2 / zooms[1]))
     fx = max(1, int(round(PIXELS_PER_MM * zooms[0])))
@@ -112,6 +129,8 @@ def slice_tile(image: np.ndarray, mask: np.ndarray, disagreement: np.ndarray | N
     grey = _window(img)
     top = np.repeat(grey[..., None], 3, axis=2)
     top[_outline(m)] = (1.0, 0.15, 0.15)
+    for x, y, value in points:
+        _mark(top, x - cx + hx, y - cy + hy, (2 * hx + 1, 2 * hy + 1), fx, fy, PROMPT_COLOURS.get(value, (1, 1, 1)))
     rows = [top]
     if disagreement is not None:
         d = np.clip(_display(_crop(disagreement, cx, cy, hx, hy), fx, fy) / DISAGREEMENT_FULL, 0, 1)[..., None]
@@ -139,7 +158,7 @@ def _as_image(x) -> nib.Nifti1Image:
     return x if isinstance(x, nib.spatialimages.SpatialImage) else load_nifti(x)
 
 
-def _volume_entries(frames, masks, disagreements, zooms) -> list[dict]:
+def _volume_entries(frames, masks, disagreements, zooms, marks: dict[int, list[dict]] | None = None) -> list[dict]:
     from .mocomask import cord_centreline
 
     volumes = []
@@ -153,10 +172,11 @@ def _volume_entries(frames, masks, disagreements, zooms) -> list[dict]:
         area = mask.reshape(-1, nz).sum(axis=0) * zooms[0] * zooms[1]
         slices = []
         for z in range(nz):
+            here = (marks or {}).get(z, [])
             tile = slice_tile(image[..., z], mask[..., z], None if dis is None else dis[..., z], tuple(centres[z]),
-                              zooms[:2])
+                              zooms[:2], [(p["x"], p["y"], p["value"]) for p in here])
             slices.append({"z": z, "area_mm2": round(float(area[z]), 2), "cord": bool(found[z]),
-                           "png": base64.b64encode(png_bytes(tile)).decode("ascii")})
+                           "png": base64.b64encode(png_bytes(tile)).decode("ascii"), "prompts": here})
         volumes.append({"label": label, "slices": slices,
                         "mean_disagreement": None if dis is None or not mask.any()
                         else round(float(dis[mask > 0].mean()), 4)})
@@ -187,10 +207,6 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
         frames = [(f"volume {t}", data[t]) for t in shown]
         masks = [ras(mask_data[..., t]) for t in shown]
         diss = [None if dis_data is None else ras(dis_data[..., t] if dis_data.ndim == 4 else dis_data) for t in shown]
-    volumes = _volume_entries(frames, masks, diss, vol.zooms)
-    per_volume = [ras(mask_data[..., t]) for t in range(n_t)] if n_t > 1 else masks
-    with_cord = [int(m.reshape(-1, m.shape[2]).any(axis=0).sum()) for m in per_volume]
-    n_slices = per_volume[0].shape[2]
     sidecar = sidecar_path(mask) if isinstance(mask, (str, Path)) else None
     model, side = None, {}
     if sidecar is not None and sidecar.is_file():
@@ -199,6 +215,11 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
             model = f"{side['model']['name']}@{side['model']['version']}"
         except (ValueError, KeyError, TypeError):
             model = None
+    marks = sidecar_points(side, vol)
+    volumes = _volume_entries(frames, masks, diss, vol.zooms, marks)
+    per_volume = [ras(mask_data[..., t]) for t in range(n_t)] if n_t > 1 else masks
+    with_cord = [int(m.reshape(-1, m.shape[2]).any(axis=0).sum()) for m in per_volume]
+    n_slices = per_volume[0].shape[2]
     flags = _flags_by_z(side, vol, n_slices)
     for v in volumes:
         for sl in v["slices"]:
@@ -220,6 +241,7 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
         "slices_with_cord": with_cord,
         "cord_volume_mm3": round(float(np.mean([m.sum() for m in per_volume]) * np.prod(vol.zooms)), 1),
         "flagged": sorted(flags),
+        "prompted": sorted(marks),
         "volumes": volumes,
     }
 

@@ -20,6 +20,7 @@ th{background:#222} td.l,th.l{text-align:left} .warn{color:#fb4} .ok{color:#7d7}
 .mosaic{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;text-align:center;font-size:12px}
 figure img{display:block;image-rendering:pixelated;border:2px solid #3a3} figure.nocord img{border-color:#a33}
 figure.flag img{border:3px dashed #fb4} figure.flag figcaption{color:#fb4}
+figure.prompt img{border:3px solid #3d5} figure.prompt figcaption{color:#3d5}
 .legend{font-size:12px;color:#aaa;margin:4px 0} .sw{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px}
 svg text{fill:#aaa;font-size:10px}
 """
@@ -62,7 +63,9 @@ def entry_html(e: dict, anchor: str) -> str:
                    'disagreement from <span class="sw" style="background:#fd2"></span>low to <span class="sw" '
                    'style="background:#f31"></span>high, with the outline in blue. Anterior up, patient\'s right on '
                    'the left; a red frame marks a slice without cord, a dashed orange frame a slice to check '
-                   '(reasons under it; the mask\'s sidecar lists them per slice).</div><div class="mosaic">')
+                   '(reasons under it; the mask\'s sidecar lists them per slice), a green frame a slice corrected by '
+                   'points (-prompt: a green cross on the cord, a magenta one on what is not cord).</div>'
+                   '<div class="mosaic">')
         for s in v["slices"]:
             flag = s.get("flag")
             cls = ' class="flag"' if flag else "" if s["cord"] else ' class="nocord"'
@@ -70,6 +73,10 @@ def entry_html(e: dict, anchor: str) -> str:
             if flag:
                 cap += "<br>check: " + esc(", ".join(flag["reasons"]).replace("_", " ")) + (
                     f' (file slice {flag["slice"]})' if flag["slice"] != s["z"] else "")
+            for pt in s.get("prompts", []):
+                cap += "<br>point: " + ("cord" if pt["value"] == 1 else "not cord") + f' ({esc(pt["effect"])})'
+            if s.get("prompts"):
+                cls = ' class="prompt"'  # corrected by the user: their points say more than the flags
             out.append(f'<figure{cls}><img alt="slice {s["z"]}" src="data:image/png;base64,{s["png"]}">'
                        f"<figcaption>{cap}</figcaption></figure>")
         out.append("</div>")

@@ -189,3 +189,32 @@ def test_cli_qc_marks_a_slice_without_cord_between_cord_slices(tiny_model, tmp_p
     assert main(["-i", str(p), "-model", "tiny", "-qc", str(tmp_path / "qc"), "-qc-dataset", "d", "-v", "0"]) == 0
     text = (tmp_path / "qc" / "d.html").read_text()
     assert text.count('<figure class="flag">') == 1 and "check: gap" in text
+
+
+def test_slice_tile_marks_points_where_the_display_puts_their_voxel():
+    img = np.zeros((20, 20), np.float32)
+    img[3, 15] = 100  # a bright voxel: where the display puts (x=3, y=15), the point must be too
+    mask = np.zeros((20, 20), np.uint8)
+    tile = qc.slice_tile(img, mask, None, (10, 10), (1.0, 1.0), points=[(3, 15, 1), (12, 5, 2)])
+    bright = np.argwhere(qc.slice_tile(img, mask, None, (10, 10), (1.0, 1.0)).sum(-1) == 765).mean(0)
+    green = np.argwhere((tile[..., 1] == 255) & (tile[..., 0] < 60))
+    magenta = np.argwhere((tile[..., 0] == 255) & (tile[..., 1] < 90) & (tile[..., 2] == 255))
+    assert np.abs(green.mean(0) - bright).max() <= 1 and len(magenta) > 0
+    assert magenta.mean(0)[1] < green.mean(0)[1]  # x=12 lies left of x=3: the patient's right is on the left
+
+
+def test_cli_qc_marks_the_prompted_slices(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(qc, "sct_available", lambda: False)
+    img, _ = blob_image(shape=(30, 28, 5), zooms=(1.0, 1.0, 4.0), radius=3.0, axcodes="LPI")
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, 2] *= 0.1  # the cord is missed on this slice without a point
+    p = tmp_path / "dim.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(p))
+    labels = np.zeros(data.shape, np.uint8)
+    labels[9, 9, 2] = 1  # the disc: RAS (20, 18), stored LPI
+    nib.save(nib.Nifti1Image(labels, img.affine), str(tmp_path / "points.nii.gz"))
+    assert main(["-i", str(p), "-model", "tiny", "-prompt", str(tmp_path / "points.nii.gz"), "-qc",
+                 str(tmp_path / "qc"), "-qc-dataset", "d", "-v", "0"]) == 0
+    text = (tmp_path / "qc" / "d.html").read_text()
+    assert text.count('<figure class="prompt">') == 1 and "point: cord (rerun+outline)" in text
+    assert qc.build_entry(p, tmp_path / "dim_seg.nii.gz")["prompted"] == [2]  # stored slice 2 of 5 in LPI: z=2

@@ -59,7 +59,7 @@ def get_parser() -> Parser:
     o.add_argument("-scheduler", metavar="<address|local>", default=None,
                    help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or 'local' "
                         "for a local cluster of -jobs workers. Needs: pip install 'sct_deepseg_epi[dask]'.")
-    add_engine_flags(o, skip=("threads", "output"), change={"threshold": {"type": _threshold}})
+    add_engine_flags(o, skip=("threads", "output", "prompts"), change={"threshold": {"type": _threshold}})
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the probability map (*_desc-spinalcord_probseg.nii.gz).")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,

@@ -121,10 +121,11 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
                 qc_targets = qc.report_targets(args.i, args.qc, dataset=args.qc_dataset, subject=args.qc_subject)
         # every file the run will write, QC page and entry included, checked before a model is
         # installed or an image read
+        inputs = [args.i] + ([args.prompts] if args.prompts else [])
         targets = api.run_targets(args.i, args.o, soft=args.soft, disagreement=disagreement, options=options)
-        check_outputs(targets, [args.i])
+        check_outputs(targets, inputs)
         if qc_targets:  # in a folder the report makes if needed
-            check_outputs({**targets, **qc_targets}, [args.i], new_folders=True)
+            check_outputs({**targets, **qc_targets}, inputs, new_folders=True)
     model = args.model
     if args.custom_url:
         from ..registry import download

@@ -336,3 +336,7 @@ class NnunetBackend:
 
     def region_around(self, mask_ras: np.ndarray, vol) -> None:
         return None
+
+    def predict_window(self, data_ras: np.ndarray, vol, z: int, centre: tuple[int, int], size_mm: float) -> None:
+        """nnU-Net's recipe runs on the whole field (3D patches, its own normalisation): no window re-run."""
+        return None
