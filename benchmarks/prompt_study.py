@@ -27,7 +27,6 @@ neighbours' did).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -171,27 +170,22 @@ def markdown(rows: list[dict], model: str, note: str = "") -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from validation import add_data_options, data_folder, show
+
     p.add_argument("-model", default="seg_sc_epi", help="name[@version] or model folder (default seg_sc_epi)")
-    p.add_argument("-data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder")
     p.add_argument("-heldout", type=int, default=16, help="held-out simulated stacks")
     p.add_argument("-seed", type=int, default=1900, help="hardening seed (image i uses seed + i)")
     p.add_argument("-jitter", type=float, default=0.0,
                    help="click a reference voxel within this many mm of the centroid, at random (default 0: the centroid)")
-    p.add_argument("-threads", type=int, default=1)
-    p.add_argument("-o", default=None, help="also write the markdown here")
+    add_data_options(p)
     a = p.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
-    data = Path(a.data)
-    if not (data / "epi").is_dir():
-        print(f"{data}: no shared data folder (epi/ missing); nothing to measure", file=sys.stderr)
+    data = data_folder(a, "measure")
+    if data is None:
         return 2
     from sct_deepseg_epi.api import load_model
 
     note = f", seed {a.seed}, {a.heldout} held-out stacks" + (f", clicks within {a.jitter:g} mm of the centroid" if a.jitter else "")
-    text = markdown(study(a.model, data, a.heldout, a.threads, a.seed, a.jitter), load_model(a.model).ref, note)
-    print(text)
-    if a.o:
-        Path(a.o).write_text(text + "\n")
+    show(markdown(study(a.model, data, a.heldout, a.threads, a.seed, a.jitter), load_model(a.model).ref, note), a.o)
     return 0
 
 

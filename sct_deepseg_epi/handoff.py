@@ -36,7 +36,7 @@ from .errors import EpiSegError, InputError
 from .mocomask import (DEFAULT_CORD_MARGIN_MM, DEFAULT_DIAMETER_MM, MASK_KINDS, check_same_grid,  # noqa: F401
                        cord_centreline, cord_mask, cylinder, default_mask_path, dilate_in_plane, moco_mask,
                        slice_axis)
-from .outputs import check_folder, check_outputs, refuse_nesting, refuse_overwrite
+from .outputs import check_folder, check_outputs, make_folders, refuse_nesting, refuse_overwrite, remove_folders
 from .read import load_nifti, strip_nifti_suffix
 
 log = logging.getLogger(__name__)
@@ -179,27 +179,6 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _make_folders(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; the folders made, outermost first."""
-    missing = []
-    f = folder
-    while not f.exists() and f != f.parent:
-        missing.append(f)
-        f = f.parent
-    made = []
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:  # another run made it meanwhile: not ours to remove
-            continue
-        except OSError as exc:
-            for m in reversed(made):
-                m.rmdir()
-            raise InputError(f"{folder}: the output folder cannot be created ({exc.strerror or exc})") from None
-        made.append(d)
-    return made
-
-
 def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: Path | str | None = None,
                   model: str | Path = "seg_sc_epi", options=None, template: Path | str | None = None,
                   initwarp: Path | str | None = None, initwarpinv: Path | str | None = None,
@@ -289,12 +268,11 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     if qc:
         check_folder(qc, inputs, role="QC folder")
     check_folder(folder, inputs)  # a read-only or file ancestor: one line, before any folder is made
-    made = _make_folders(folder)
+    made = make_folders(folder)
     try:
         check_outputs({k: v for k, v in written.items() if k != "levels"})
     except InputError:
-        for d in reversed(made):  # a failed check leaves no new folder behind, at any level
-            d.rmdir()
+        remove_folders(made)  # a failed check leaves no new folder behind, at any level
         raise
     steps = _Steps(folder, force, run_command)
     qc_args = ["-qc", str(Path(qc).resolve())] if qc else []

@@ -117,9 +117,12 @@ def _existing_ancestor(folder: Path) -> Path:
     return f
 
 
-def make_folders(folder: Path | str) -> list[Path]:
+def make_folders(folder: Path | str, role: str = "output folder") -> list[Path]:
     """Create ``folder`` and its missing parents; returns those this call created, outermost first,
-    for :func:`remove_folders` to undo after a failure."""
+    for :func:`remove_folders` to undo after a failure.
+
+    A level that cannot be made (read-only mount) is one line; the levels made before it are removed.
+    """
     folder = Path(folder)
     missing = []
     f = folder
@@ -132,6 +135,9 @@ def make_folders(folder: Path | str) -> list[Path]:
             f.mkdir()
         except FileExistsError:
             continue  # made by another run at the same time: not ours to remove
+        except OSError as exc:
+            remove_folders(made)
+            raise InputError(f"{folder}: the {role} cannot be created ({exc.strerror or exc})") from None
         made.append(f)
     return made
 
