@@ -171,22 +171,42 @@ def readme_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-model", action="append", help="name[@version] or model folder; repeat to compare (default seg_sc_epi)")
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """The options of every study on the shared data: -data, -threads, -o."""
     p.add_argument("-data", default=str(REPO.parent / "shared" / "data"), help="the shared data folder")
-    p.add_argument("-heldout", type=int, default=16, help="held-out simulated stacks (0: none)")
-    p.add_argument("-stress", type=int, choices=(0, 1), default=1, help="add the stress stacks (module doc)")
     p.add_argument("-threads", type=int, default=1)
     p.add_argument("-o", default=None, help="also write the markdown here")
-    p.add_argument("-readme", action="store_true", help="print only the README's table (real and held-out, no stress)")
-    a = p.parse_args(argv)
-    if a.readme:
-        a.stress = 0
+
+
+def data_folder(a: argparse.Namespace, doing: str) -> Path | None:
+    """The shared data folder of the parsed options (ONNX Runtime's threads set), or None with a line."""
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     data = Path(a.data)
     if not (data / "epi").is_dir():
-        print(f"{data}: no shared data folder (epi/ missing); nothing to validate", file=sys.stderr)
+        print(f"{data}: no shared data folder (epi/ missing); nothing to {doing}", file=sys.stderr)
+        return None
+    return data
+
+
+def show(text: str, path: str | None) -> None:
+    """Print the markdown, and write it to ``path`` too when given."""
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-model", action="append", help="name[@version] or model folder; repeat to compare (default seg_sc_epi)")
+    p.add_argument("-heldout", type=int, default=16, help="held-out simulated stacks (0: none)")
+    p.add_argument("-stress", type=int, choices=(0, 1), default=1, help="add the stress stacks (module doc)")
+    p.add_argument("-readme", action="store_true", help="print only the README's table (real and held-out, no stress)")
+    add_data_options(p)
+    a = p.parse_args(argv)
+    if a.readme:
+        a.stress = 0
+    data = data_folder(a, "validate")
+    if data is None:
         return 2
     images = [("real EPI", name, str(data / img), str(data / ref), None) for name, img, ref in REAL]
     notes = []
@@ -200,10 +220,7 @@ def main(argv=None) -> int:
     rows = []
     for model in a.model or ["seg_sc_epi"]:
         rows += evaluate(model, images, a.threads)
-    text = readme_table(rows) if a.readme else "\n".join(notes + ([""] if notes else []) + [markdown(rows)])
-    print(text)
-    if a.o:
-        Path(a.o).write_text(text + "\n")
+    show(readme_table(rows) if a.readme else "\n".join(notes + ([""] if notes else []) + [markdown(rows)]), a.o)
     return 0
 
 

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from nnunet_parity import save_oriented, with_convention
     from nnunet_synthetic import synthetic_case
 
-    from sct_deepseg_epi import api, qc
+    from sct_deepseg_epi import api, qc_tiles
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="nnunet-conventions-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -95,14 +95,14 @@ def main(argv=None) -> int:
         a, b = m > 0, truth_ras > 0
         print(f"{label:<22} Dice vs truth {2 * (a & b).sum() / max(1, a.sum() + b.sum()):.3f}")
         cx, cy = np.argwhere(seg_ras[..., slices[1]] > 0).mean(axis=0)
-        row = [qc.slice_tile(img_ras[..., z], m[..., z], None, (cx, cy), ZOOMS[:2]) for z in slices]
+        row = [qc_tiles.slice_tile(img_ras[..., z], m[..., z], None, (cx, cy), ZOOMS[:2]) for z in slices]
         gap = np.full((row[0].shape[0], 6, 3), 255, np.uint8)
         tiles.append(np.concatenate([t for r in row for t in (r, gap)][:-1], axis=1))
     sep = np.full((6, tiles[0].shape[1], 3), 255, np.uint8)
     png = np.concatenate([t for r in tiles for t in (r, sep)][:-1], axis=0)
     out = Path(args.o)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(qc.png_bytes(png))
+    out.write_bytes(qc_tiles.png_bytes(png))
     print(f"wrote {out} ({png.shape[1]} x {png.shape[0]} px); rows: " + json.dumps([r[0] for r in rows]))
     return 0
 

@@ -5,7 +5,7 @@ imported on first use so that ``import sct_deepseg_epi`` and ``-h`` stay fast.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0.dev0"
+__version__ = "1.0.0"  # the one place the version is set (setup.cfg reads it)
 
 from .errors import DownloadError, EpiSegError, InputError, IntegrityError, ModelError
 

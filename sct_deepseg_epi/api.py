@@ -13,8 +13,9 @@ import platform
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -22,10 +23,11 @@ import numpy as np
 from . import __version__
 from .backend import Backend, backend_for
 from .confidence import sidecar_block, slice_report, to_native
-from .errors import IntegrityError, ModelError
+from .errors import IntegrityError, ModelError, OptionError
 from .options import Options
 from .outputs import OutputSet, check_suffix
 from .postprocess import PostOptions, finish
+from .prompts import Point, read_prompts
 from .read import Volume, from_image, read_volume
 from .registry import store
 from .registry.manifest import ModelSpec, load_manifest
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: bool = True) -> ModelSpec:
     """Find a model (``name[@version]``, a model folder, or a spec) and verify its files.
 
+    A bare name that is no known model but an existing folder (``md`` for ``./md``) is that folder.
+
     A model that is not on disk is downloaded from its mirrors when ``install`` is true;
     a damaged copy in the cache is reinstalled, a damaged packaged copy is refused.
     """
@@ -45,7 +49,12 @@ def load_model(model: str | Path | ModelSpec = store.DEFAULT_MODEL, *, install: 
     elif isinstance(model, Path) or (isinstance(model, str) and ("/" in model or model.startswith("."))):
         spec = load_manifest(Path(model))
     else:
-        spec = store.resolve(model)
+        try:
+            spec = store.resolve(model)
+        except ModelError:
+            if not Path(model).is_dir():
+                raise
+            spec = load_manifest(Path(model))  # a model folder named without a slash: -model md for ./md
     if not store.is_complete(spec) or spec.directory is None:
         source = store.with_mirrors(spec)  # an installed copy's own manifest may not say where it came from
         if not install or not source.mirrors:
@@ -99,6 +108,7 @@ class Frame:
     probability: np.ndarray   # float32, ensemble mean
     disagreement: np.ndarray  # float32, std across members
     slices: list[dict] = field(default_factory=list)  # per-slice confidence (confidence.py), input's order
+    prompts: list[dict] = field(default_factory=list)  # each point and what it did (prompts.Point.record)
 
 
 @dataclass
@@ -118,19 +128,24 @@ class Segmentation:
 
     def provenance(self) -> dict[str, Any]:
         return provenance(self.model, self.options, self.provider, self.source, self.timings, self.warnings,
-                          int(np.count_nonzero(np.asarray(self.mask.dataobj))), confidence=self.confidence)
+                          int(np.count_nonzero(np.asarray(self.mask.dataobj))), confidence=self.confidence,
+                          backend=backend_for(self.model, self.options))
 
 
 def _segment_ras(data_ras: np.ndarray, vol: Volume, backend: Backend, post: PostOptions,
-                 timings: dict[str, float], region: Any = None, localise: bool = False) -> tuple[np.ndarray, Frame]:
+                 timings: dict[str, float], region: Any = None, localise: bool = False,
+                 points: Sequence[Point] = ()) -> tuple[np.ndarray, Frame]:
     """One 3D RAS array -> (its mask on the RAS grid, its Frame on the input's own axes)."""
     probs = backend.predict(data_ras, vol, region=region, localise=localise, timings=timings)
     t0 = time.perf_counter()
-    mask = finish(probs, post, vol.zooms, backend.spec.threshold)
+    rerun = partial(backend.predict_window, data_ras, vol) if points else None
+    effects: list[str] = []
+    mask = finish(probs, post, vol.zooms, backend.spec.threshold, prompts=points, rerun=rerun, effects=effects)
     report = slice_report(mask, probs.probability, probs.disagreement, vol.zooms, post.threshold)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t0
     return mask, Frame(vol.to_native(mask), vol.to_native(probs.probability).astype(np.float32),
-                       vol.to_native(probs.disagreement).astype(np.float32), to_native(report, vol.to_ras))
+                       vol.to_native(probs.disagreement).astype(np.float32), to_native(report, vol.to_ras),
+                       [p.record(e) for p, e in zip(points, effects)])
 
 
 def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[str, float] | None = None) -> Iterator[Frame]:
@@ -143,17 +158,37 @@ def iter_frames(vol: Volume, spec: ModelSpec, options: Options, timings: dict[st
     volumes are run on the full field.
     """
     timings = {} if timings is None else timings
-    backend = backend_for(spec, options)
     post = options.post(spec)
+    points = read_prompts(options.prompts, vol)
+    if points and post.method != "z":
+        raise OptionError(f"-prompt: points need the z-following postprocessing (-postprocess z), "
+                          f"not -postprocess {post.method}")
+    backend = backend_for(spec, options)
     if not (vol.is_4d and options.mode_4d == "each"):
-        yield _segment_ras(vol.data, vol, backend, post, timings, localise=options.localise)[1]
+        yield _segment_ras(vol.data, vol, backend, post, timings, localise=options.localise, points=points)[1]
         return
     region = None
     if backend.regional:
-        mean_mask, _ = _segment_ras(vol.data, vol, backend, post, timings, localise=options.localise)
+        mean_mask, _ = _segment_ras(vol.data, vol, backend, post, timings, localise=options.localise, points=points)
         region = backend.region_around(mean_mask, vol)
     for frame in vol.iter_frames():
-        yield _segment_ras(frame, vol, backend, post, timings, region)[1]
+        yield _segment_ras(frame, vol, backend, post, timings, region, points=points)[1]
+
+
+def prompt_block(records: list[list[dict]]) -> dict[str, Any]:
+    """The sidecar's ``prompts`` from each volume's (:attr:`Frame.prompts`): one row per point, its most
+    frequent effect and, when the volumes of a series differ, ``effects`` with their counts."""
+    if not records or not records[0]:
+        return {}
+    rows = []
+    for same_point in zip(*records):
+        seen = [r["effect"] for r in same_point]
+        counts = {e: seen.count(e) for e in dict.fromkeys(seen)}
+        row = {**same_point[0], "effect": max(counts, key=counts.get)}
+        if len(counts) > 1:
+            row["effects"] = counts
+        rows.append(row)
+    return {"prompts": rows}
 
 
 def _as_volume(image: str | Path | nib.Nifti1Image) -> Volume:
@@ -194,7 +229,8 @@ def segment(image: str | Path | nib.Nifti1Image, *, model: str | Path | ModelSpe
         arrays = tuple(np.stack([getattr(f, k) for f in frames], axis=-1) for k in ("mask", "probability", "disagreement"))
     seg = Segmentation(like(arrays[0], ref), like(arrays[1], ref), like(arrays[2], ref), spec,
                        backend_for(spec, options).provider, options, vol.source, timings, list(vol.warnings),
-                       sidecar_block([f.slices for f in frames], vol.to_ras))
+                       {**sidecar_block([f.slices for f in frames], vol.to_ras),
+                        **prompt_block([f.prompts for f in frames])})
     _warn_if_empty(seg.warnings, vol.source, int(np.count_nonzero(arrays[0])))
     return seg
 
@@ -208,13 +244,17 @@ def _warn_if_empty(warnings: list[str], source: str, cord_voxels: int) -> None:
 
 def provenance(spec: ModelSpec, options: Options, provider: str, source: str, timings: dict[str, float],
                warnings: list[str], cord_voxels: int, input_sha256: str | None = None,
-               outputs: dict[str, str] | None = None, confidence: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took."""
+               outputs: dict[str, str] | None = None, confidence: dict[str, Any] | None = None,
+               backend: Backend | None = None) -> dict[str, Any]:
+    """The JSON sidecar, built in this one place: what produced a mask, from what, how, how long it took.
+
+    ``backend`` (the one that ran) adds its kind's own fields to the ``model`` record.
+    """
     post = asdict(options.post(spec))
     d: dict[str, Any] = {
         "GeneratedBy": [{"Name": "sct_deepseg_epi", "Version": __version__}],
         "model": {"name": spec.name, "version": spec.version, "backend": spec.backend.kind,
-                  **({"convention": spec.nnunet.convention} if spec.nnunet is not None else {}),
+                  **(backend.provenance() if backend is not None else {}),
                   "members": [{"file": m.file, "sha256": m.sha256} for m in spec.members]},
         "provider": provider,
         "output": options.output,
@@ -257,7 +297,10 @@ def run_targets(input_path: str | Path, output: str | Path | None = None, *, sof
     """
     out = check_suffix(output or default_output(input_path))
     targets = {"mask": out}
-    if soft and (options or Options()).output != "probability":
+    if soft and (options or Options()).output == "probability":  # refused rather than dropped unseen
+        raise OptionError("soft=True writes the soft map beside the mask, but output='probability' "
+                          "(threshold 0) makes it the main output already")
+    if soft:
         targets["soft"] = derived_path(out, "_soft")
     if disagreement:
         targets["disagreement"] = derived_path(out, "_disagreement")
@@ -286,7 +329,8 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
     t0 = time.perf_counter()
     targets = run_targets(input_path, output, soft=soft, disagreement=disagreement, options=options)
     out = targets["mask"]
-    outputs = OutputSet(targets, [input_path])
+    # a prompt file is an input too: no output may overwrite it
+    outputs = OutputSet(targets, [input_path] + ([options.prompts] if isinstance(options.prompts, (str, Path)) else []))
     maps_to_write = [k for k in targets if k != "sidecar"]
     with outputs:
         vol = read_volume(input_path)
@@ -298,6 +342,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         frames = iter_frames(vol, spec, options, timings)
         n_cord = 0
         reports = []
+        prompted = []
         with ExitStack() as stack:
             if each:
                 writers = {k: stack.enter_context(FrameWriter(targets[k], vol.image, shape, maps[k][1],
@@ -305,6 +350,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
                 for done, frame in enumerate(frames, 1):
                     n_cord += int(np.count_nonzero(frame.mask))
                     reports.append(frame.slices)
+                    prompted.append(frame.prompts)
                     for k, w in writers.items():
                         w.write(getattr(frame, maps[k][0]))
                     if progress is not None:
@@ -316,6 +362,7 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
                 frame = next(frames)
                 n_cord = int(np.count_nonzero(frame.mask))
                 reports.append(frame.slices)
+                prompted.append(frame.prompts)
                 t1 = time.perf_counter()
                 for k in maps_to_write:
                     save_nifti(like(getattr(frame, maps[k][0]).astype(maps[k][1]), vol.image), targets[k],
@@ -324,10 +371,12 @@ def run(input_path: str | Path, output: str | Path | None = None, *, model: str 
         warnings = list(vol.warnings)
         _warn_if_empty(warnings, vol.source, n_cord)
         timings["total"] = time.perf_counter() - t0
-        prov = provenance(spec, options, backend_for(spec, options).provider, str(input_path), timings, warnings,
+        backend = backend_for(spec, options)
+        prov = provenance(spec, options, backend.provider, str(input_path), timings, warnings,
                           n_cord, input_sha256=input_sha256 or store.sha256_file(input_path),
                           outputs={k: Path(targets[k]).name for k in maps_to_write},
-                          confidence=sidecar_block(reports, vol.to_ras))
+                          confidence={**sidecar_block(reports, vol.to_ras), **prompt_block(prompted)},
+                          backend=backend)
         save_json(prov, targets["sidecar"], tmp=outputs.temp("sidecar"))
     outputs.commit()
     result = RunResult(out, targets["sidecar"], {k: targets[k] for k in maps_to_write if k != "mask"}, prov)

@@ -7,7 +7,8 @@
 A backend turns one 3D RAS array into a foreground probability, the disagreement of its
 members and, when the model has its own label map (nnU-Net's argmax), those labels, all
 on the input's native RAS grid. Everything else (reading, postprocessing, timing,
-provenance, writing) is the same for every backend and lives in :mod:`api`.
+writing, the sidecar, to which a backend adds its own fields) is the same for every backend
+and lives in :mod:`api`.
 """
 from __future__ import annotations
 
@@ -46,8 +47,16 @@ class Backend(Protocol):
                 timings: dict[str, float]) -> Probabilities:
         """One 3D RAS array of ``vol`` -> probabilities; ``localise``: find a region with a quick pass first."""
 
+    def provenance(self) -> dict[str, Any]:
+        """Fields this kind of model adds to the sidecar's ``model`` record (an nnU-Net model: its convention)."""
+
     def region_around(self, mask_ras: np.ndarray, vol: Volume) -> Any:
         """The region to run the volumes of a series on, from the mask of its mean (None: everything)."""
+
+    def predict_window(self, data_ras: np.ndarray, vol: Volume, z: int, centre: tuple[int, int],
+                       size_mm: float) -> np.ndarray | None:
+        """The members' probability on RAS slice ``z`` in a window of ``size_mm`` centred on voxel ``centre`` and
+        normalised on that window: (X, Y), NaN outside it; None when this kind of model cannot (a prompt says so)."""
 
 
 _CACHE: dict[tuple, Backend] = {}

@@ -261,7 +261,8 @@ def resume_key(model: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any
 def is_up_to_date(out: Outputs, input_sha256: str, key: dict[str, Any], extras: Iterable[str]) -> tuple[bool, str]:
     """Whether ``out`` holds a complete result for this input, model and settings; and why not.
 
-    The sidecar is written last, so its presence means the images before it were complete.
+    The sidecar is written last, so its presence means the images before it were complete;
+    the images must still have the SHA-256 it records for them (``outputs_sha256``).
     """
     if not out.sidecar.is_file():
         return False, "no sidecar"
@@ -281,4 +282,17 @@ def is_up_to_date(out: Outputs, input_sha256: str, key: dict[str, Any], extras: 
     for name in extras:
         if not getattr(out, name).is_file():
             return False, f"{name} map missing"
+    # the files themselves: a mask replaced or damaged since the sidecar vouched for it is redone
+    sums = rec.get("outputs_sha256")
+    if not isinstance(sums, dict):
+        return False, "no output checksums in the sidecar"
+    from .registry.store import sha256_file
+
+    for name in ("mask", *extras):
+        try:
+            same = sha256_file(getattr(out, name)) == sums.get(name)
+        except OSError:
+            same = False
+        if not same:
+            return False, f"{name} changed since it was written"
     return True, "up to date"

@@ -2,11 +2,11 @@
 
 Functions take paths and return paths, so a lab can call them from its own pipeline:
 
-- :func:`moco_mask` builds the mask ``sct_fmri_moco -m`` wants: a cylinder of a given
-  diameter centred, slice by slice, on the centre of the cord segmentation, with slices
-  where the cord was not found interpolated from their neighbours.
+- :func:`moco_mask` (from :mod:`sct_deepseg_epi.mocomask`) builds the mask ``sct_fmri_moco -m``
+  wants: a cylinder around the cord for the ANTs correction, or the cord itself grown by a
+  margin for ``-dl``.
 - :func:`fmri_pipeline` runs, with SCT's tools: temporal mean -> segmentation -> moco mask
-  -> ``sct_fmri_moco`` -> segmentation of the motion-corrected mean -> registration of the
+  -> ``sct_fmri_moco`` (ANTs, or ``-dl``) -> segmentation of the motion-corrected mean -> registration of the
   PAM50 template onto it (``sct_register_multimodal``: ``type=seg`` steps then a refinement
   on the image, optionally initialised with anatomical warps) -> ``sct_warp_template``.
   A step is skipped when its outputs are newer than its inputs; every command is logged in
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,17 +30,17 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import nibabel as nib
-import numpy as np
-from nibabel.orientations import io_orientation
 
+from . import moco as sct_moco
 from .errors import EpiSegError, InputError
-from .outputs import check_folder, check_output, check_outputs, refuse_nesting, refuse_overwrite
+from .mocomask import (DEFAULT_CORD_MARGIN_MM, DEFAULT_DIAMETER_MM, MASK_KINDS, check_same_grid,  # noqa: F401
+                       cord_centreline, cord_mask, cylinder, default_mask_path, dilate_in_plane, moco_mask,
+                       slice_axis)
+from .outputs import check_folder, check_outputs, make_folders, refuse_nesting, refuse_overwrite, remove_folders
 from .read import load_nifti, strip_nifti_suffix
-from .write import like, save_nifti
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIAMETER_MM = 35.0  # SCT's fMRI tutorial: sct_create_mask -size 35mm -f cylinder
 # PAM50 -> moco mean: align the cords slice by slice, deform along the cord, then refine on the image
 DEFAULT_REG_PARAM = ("step=1,type=seg,algo=centermass:"
                      "step=2,type=seg,algo=bsplinesyn,metric=MeanSquares,iter=3,smooth=1,slicewise=0:"
@@ -50,110 +51,6 @@ LOG_NAME = "fmri_pipeline.log"
 
 class HandoffError(EpiSegError):
     """A hand-off step failed; the message names the step (and the command and its message)."""
-
-
-# --- moco mask --------------------------------------------------------------------------------
-
-def _grid(img: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
-    return tuple(img.shape[:3]), img.affine
-
-
-def check_same_grid(seg_img: nib.Nifti1Image, seg_name: str, ref_img: nib.Nifti1Image, ref_name: str) -> None:
-    """Raise InputError unless the segmentation lies on the 3D grid of the reference image."""
-    (s_shape, s_aff), (r_shape, r_aff) = _grid(seg_img), _grid(ref_img)
-    if s_shape != r_shape or not np.allclose(s_aff, r_aff, atol=1e-3):
-        s_zooms = tuple(round(float(z), 3) for z in np.sqrt((s_aff[:3, :3] ** 2).sum(0)))
-        r_zooms = tuple(round(float(z), 3) for z in np.sqrt((r_aff[:3, :3] ** 2).sum(0)))
-        raise InputError(f"{seg_name}: its grid (shape {s_shape}, voxels {s_zooms} mm) differs from that of "
-                         f"{ref_name} (shape {r_shape}, voxels {r_zooms} mm); use a segmentation of this image "
-                         f"(sct_deepseg_epi -i {ref_name}) or bring it onto this grid first "
-                         f"(sct_register_multimodal -identity 1 -x nn)")
-
-
-def slice_axis(affine: np.ndarray) -> int:
-    """The voxel axis closest to the superior-inferior direction (axial slices are across it)."""
-    ornt = io_orientation(affine)
-    return int(np.flatnonzero(ornt[:, 0] == 2)[0])
-
-
-def cord_centreline(seg: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice in-plane centre of a 3D mask (voxel indices), slices without cord interpolated.
-
-    Returns ``(centres, found)``: an (n_slices, 2) array of in-plane indices (the two other
-    axes in increasing order) and a boolean array of the slices where the cord was present.
-    Beyond the first and last cord slices the nearest centre is kept.
-    """
-    m = np.moveaxis(np.asarray(seg) > 0, axis, -1)
-    n = m.shape[-1]
-    found = m.reshape(-1, n).any(axis=0)
-    if not found.any():
-        raise InputError("the segmentation is empty (no cord found), so there is no centreline to centre on")
-    centres = np.zeros((n, 2))
-    for z in np.flatnonzero(found):
-        idx = np.argwhere(m[..., z])
-        centres[z] = idx.mean(axis=0)
-    zs = np.flatnonzero(found)
-    for k in range(2):
-        centres[:, k] = np.interp(np.arange(n), zs, centres[zs, k])
-    return centres, found
-
-
-def cylinder(shape: tuple[int, int, int], affine: np.ndarray, centres: np.ndarray, axis: int,
-             diameter_mm: float) -> np.ndarray:
-    """A uint8 mask: in each slice, the disc of ``diameter_mm`` around that slice's centre.
-
-    Distances are measured in millimetres through the affine, so anisotropic or oblique
-    in-plane voxels give a round disc.
-    """
-    if not diameter_mm > 0:
-        raise InputError(f"the cylinder diameter must be positive, not {diameter_mm} mm")
-    in_plane = [k for k in range(3) if k != axis]
-    va, vb = affine[:3, in_plane[0]], affine[:3, in_plane[1]]
-    na, nb = shape[in_plane[0]], shape[in_plane[1]]
-    ia, ib = np.meshgrid(np.arange(na, dtype=float), np.arange(nb, dtype=float), indexing="ij")
-    out = np.zeros((na, nb, shape[axis]), np.uint8)
-    r2 = (diameter_mm / 2.0) ** 2
-    for z, (ca, cb) in enumerate(centres):
-        da, db = ia - ca, ib - cb
-        d2 = sum((da * va[k] + db * vb[k]) ** 2 for k in range(3))
-        out[..., z] = d2 <= r2
-    return np.moveaxis(out, -1, axis)
-
-
-def default_mask_path(bold: Path | str) -> Path:
-    """SCT's name for a mask made from ``fmri.nii.gz``: ``mask_fmri.nii.gz`` beside it."""
-    p = Path(bold)
-    return p.parent / f"mask_{Path(strip_nifti_suffix(p.name)).name}.nii.gz"
-
-
-def moco_mask(bold: Path | str, seg: Path | str, out: Path | str | None = None,
-              diameter_mm: float = DEFAULT_DIAMETER_MM) -> Path:
-    """Write the cylinder mask for ``sct_fmri_moco -m`` and return its path.
-
-    ``bold`` is the fMRI series (3D or 4D) and ``seg`` a cord mask on its 3D grid (a 4D mask,
-    from ``-4d each``, is reduced to the voxels that are cord in at least half the volumes).
-    The default output is ``mask_<bold>.nii.gz`` beside ``bold``, as ``sct_create_mask`` names it.
-    Raises InputError for a mask on another grid or an empty mask.
-    """
-    out = check_output(out if out is not None else default_mask_path(bold), [bold, seg], role="moco mask")
-    bold_img, seg_img = load_nifti(bold), load_nifti(seg)
-    check_same_grid(seg_img, str(seg), bold_img, str(bold))
-    data = np.asarray(seg_img.dataobj)
-    if data.ndim == 4:
-        data = (data > 0).mean(axis=-1) >= 0.5
-    data = data.reshape(seg_img.shape[:3]) > 0
-    axis = slice_axis(seg_img.affine)
-    try:
-        centres, found = cord_centreline(data, axis)
-    except InputError as exc:
-        raise InputError(f"{seg}: {exc}") from None
-    mask = cylinder(seg_img.shape[:3], seg_img.affine, centres, axis, diameter_mm)
-    ref = seg_img if seg_img.ndim == 3 else seg_img.slicer[..., 0]
-    save_nifti(like(mask, ref), out)
-    n_missing = int((~found).sum())
-    if n_missing:
-        log.info("%s: %d of %d slices had no cord; their centre was interpolated", seg, n_missing, found.size)
-    return out
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -174,6 +71,7 @@ class PipelineOutputs:
     template_reg: Path
     levels: Path
     log: Path
+    moco_params_y: Path | None = None  # -moco dl: moco_params is moco_params_x.nii.gz, this the y shifts
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -205,13 +103,25 @@ def _newer(outputs: Sequence[Path], inputs: Sequence[Path]) -> bool:
     return min(p.stat().st_mtime_ns for p in outputs) >= newest_input
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(:|$)")
+
+
 def _command_message(output: str) -> str:
     """The line of a command's output that explains its failure (SCT prints a lot before it)."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     if not lines:
         return "no output"
     if any(ln.startswith("Traceback") for ln in lines):
-        return lines[-1]  # the exception and its message
+        # the exception and its message; SCT's launcher prints "Total runtime" after it, and a
+        # message that starts with a newline (moco_dl's missing weights) is on the next line
+        exc = [i for i, ln in enumerate(lines) if _EXCEPTION_LINE.match(ln)]
+        if not exc:
+            return lines[-1]
+        i = exc[-1]
+        head = lines[i]
+        if head.endswith(":") and i + 1 < len(lines) and "Total runtime" not in lines[i + 1]:
+            head = f"{head} {lines[i + 1]}"
+        return head
     errors = [ln for ln in lines if "error" in ln.lower()]
     return errors[-1] if errors else lines[-1]
 
@@ -273,6 +183,7 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
                   model: str | Path = "seg_sc_epi", options=None, template: Path | str | None = None,
                   initwarp: Path | str | None = None, initwarpinv: Path | str | None = None,
                   diameter_mm: float = DEFAULT_DIAMETER_MM, param: str = DEFAULT_REG_PARAM,
+                  moco: str = "ants", margin_mm: float = DEFAULT_CORD_MARGIN_MM,
                   qc: Path | str | None = None, qc_dataset: str | None = None, qc_subject: str | None = None,
                   force: bool = False,
                   run_command: Callable[..., subprocess.CompletedProcess] = _run) -> PipelineOutputs:
@@ -284,21 +195,36 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     ``initwarpinv``: the subject's template->anatomy and anatomy->template warps, which
     initialise the registration (strongly advised: without them the template is placed by
     the image headers alone). ``qc``: a folder for SCT's QC report of each step.
+    ``moco``: ``"ants"`` (``sct_fmri_moco`` with the cylinder mask of ``diameter_mm``) or
+    ``"dl"`` (``sct_fmri_moco -dl`` with the cord mask grown by ``margin_mm``, see
+    :func:`cord_mask`; SCT's outputs are then ``*_mocoDL*`` and ``moco_params_{x,y}.nii.gz``).
     ``force``: run every step even when its outputs are up to date.
 
-    Raises, before any step runs: HandoffError for a missing SCT tool or template file,
-    InputError for an unusable input, ModelError for a model that cannot be loaded; then
+    Raises, before any step runs: HandoffError for a missing SCT tool, template file or
+    (``moco="dl"``) DL weights, InputError for an unusable input, ModelError for a model that cannot be loaded; then
     HandoffError naming the step that failed.
     """
     from . import api
 
+    if moco not in sct_moco.KINDS:
+        raise InputError(f"unknown motion correction {moco!r} (choose from {', '.join(sct_moco.KINDS)})")
+    if moco == "dl" and not margin_mm >= 0:
+        raise InputError(f"the cord mask margin must be zero or positive, not {margin_mm} mm")
     check_sct()
+    if moco == "dl":
+        missing = sct_moco.missing_dl_weights()
+        if missing:
+            raise HandoffError(missing)
     bold = Path(bold).resolve()
     if not bold.is_file():
         raise InputError(f"{bold}: no such file")
     img = load_nifti(bold)
     if img.ndim != 4 or img.shape[3] < 2:
         raise InputError(f"{bold}: motion correction needs a 4D series (shape {img.shape})")
+    if moco == "dl" and nib.aff2axcodes(img.affine)[2] not in ("S", "I"):
+        raise InputError(f"{bold}: sct_fmri_moco -dl needs axial slices along the third voxel axis, and this "
+                         f"series is stored {''.join(nib.aff2axcodes(img.affine))} (reorient it with "
+                         "sct_image -setorient, or use -moco ants)")
     folder = Path(ofolder).resolve() if ofolder is not None else bold.parent
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: the output folder is a file")
@@ -321,11 +247,14 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     model_file = spec.directory / "manifest.json"  # a new model version makes the segmentations stale
     options = options or api.Options()
     stem = Path(strip_nifti_suffix(bold.name)).name
+    mask_kind = "cord" if moco == "dl" else "cylinder"
+    moco_out = sct_moco.outputs(moco, folder, stem)
     out = PipelineOutputs(
         mean=folder / f"{stem}_mean.nii.gz", mean_seg=seg or folder / f"{stem}_mean_seg.nii.gz",
-        mask=folder / f"mask_{stem}.nii.gz", moco=folder / f"{stem}_moco.nii.gz",
-        moco_mean=folder / f"{stem}_moco_mean.nii.gz", moco_params=folder / "moco_params.tsv",
-        moco_mean_seg=folder / f"{stem}_moco_mean_seg.nii.gz",
+        mask=default_mask_path(folder / bold.name, mask_kind), moco=moco_out.moco,
+        moco_mean=moco_out.mean, moco_params=moco_out.params[0],
+        moco_params_y=moco_out.params[1] if len(moco_out.params) > 1 else None,
+        moco_mean_seg=folder / f"{strip_nifti_suffix(moco_out.mean.name)}_seg.nii.gz",
         warp_template2fmri=folder / "warp_template2fmri.nii.gz", warp_fmri2template=folder / "warp_fmri2template.nii.gz",
         template_reg=folder / "PAM50_t2s_reg.nii.gz", levels=folder / "label" / "template" / "PAM50_levels.nii.gz",
         log=folder / LOG_NAME)
@@ -338,13 +267,12 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     refuse_nesting(folder / "label", inputs, role="template copy (label/)")
     if qc:
         check_folder(qc, inputs, role="QC folder")
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    check_folder(folder, inputs)  # a read-only or file ancestor: one line, before any folder is made
+    made = make_folders(folder)
     try:
         check_outputs({k: v for k, v in written.items() if k != "levels"})
     except InputError:
-        if created:  # a failed check leaves nothing behind
-            folder.rmdir()
+        remove_folders(made)  # a failed check leaves no new folder behind, at any level
         raise
     steps = _Steps(folder, force, run_command)
     qc_args = ["-qc", str(Path(qc).resolve())] if qc else []
@@ -363,12 +291,12 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
                lambda: steps.sct("temporal mean", ["sct_maths", "-i", str(bold), "-mean", "t", "-o", str(out.mean)]))
     if seg is None:
         steps.step("segmentation", [out.mean, model_file], [out.mean_seg], segment(out.mean, out.mean_seg))
-    steps.step("moco mask", [bold, out.mean_seg], [out.mask], lambda: moco_mask(bold, out.mean_seg, out.mask, diameter_mm))
-    moco_outputs = [out.moco, out.moco_mean, out.moco_params]
+    steps.step("moco mask", [bold, out.mean_seg], [out.mask],
+               lambda: moco_mask(bold, out.mean_seg, out.mask, diameter_mm, kind=mask_kind, margin_mm=margin_mm))
     moco_qc = qc_args + (["-qc-seg", str(out.mean_seg)] if qc else [])
-    steps.step("motion correction", [bold, out.mask], moco_outputs,
-               lambda: steps.sct("motion correction", ["sct_fmri_moco", "-i", str(bold), "-m", str(out.mask),
-                                                       "-ofolder", str(folder)] + moco_qc))
+    moco_cmd = sct_moco.command(moco, bold, out.mask, folder, moco_qc)
+    steps.step("motion correction", [bold, out.mask], [out.moco, out.moco_mean, *moco_out.params],
+               lambda: steps.sct("motion correction", moco_cmd))
     steps.step("segmentation of the moco mean", [out.moco_mean, model_file], [out.moco_mean_seg],
                segment(out.moco_mean, out.moco_mean_seg))
     reg_cmd = ["sct_register_multimodal", "-i", str(tpl["t2s"]), "-iseg", str(tpl["cord"]), "-d", str(out.moco_mean),

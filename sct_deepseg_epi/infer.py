@@ -20,7 +20,8 @@ import numpy as np
 from .backend import Probabilities
 from .errors import ModelError
 from .options import DEVICES
-from .preprocess import Prepared, model_grid_shape, model_volume, prepare_from, restore, roi_around
+from .preprocess import (Prepared, check_model_grid, model_grid_shape, model_volume, normalise, prepare_from,
+                         resample_inplane, restore, roi_around, slice_stack)
 from .registry.manifest import ModelSpec
 
 if TYPE_CHECKING:
@@ -250,6 +251,10 @@ class SliceBackend:
         self.provider = self.ensemble.provider
         self.localise_at = localise_at  # the threshold at which the quick pass finds the cord
 
+    def provenance(self) -> dict:
+        """What the sidecar's ``model`` records about this kind of model, beyond its name and members."""
+        return {}
+
     def localise(self, prep: Prepared) -> tuple[slice, slice] | None:
         """Region around every object a quick pass (one member, no flips) finds, or None.
 
@@ -291,3 +296,30 @@ class SliceBackend:
     def region_around(self, mask_ras: np.ndarray, vol: Volume) -> tuple[slice, slice] | None:
         model_xy = model_grid_shape(mask_ras.shape[:2], vol.zooms[:2], self.spec.spacing_mm)
         return roi_around(mask_ras, self.spec, model_xy, ROI_MARGIN_MM)
+
+    def predict_window(self, data_ras: np.ndarray, vol: Volume, z: int, centre: tuple[int, int],
+                       size_mm: float) -> np.ndarray:
+        """Slice ``z`` (and its context slices) run in a window of ``size_mm`` centred on voxel ``centre``
+        and normalised on that window alone: (X, Y) on the native RAS grid, NaN outside the window."""
+        spec = self.spec
+        model_xy = check_model_grid(data_ras.shape, vol.zooms, spec.spacing_mm, vol.source)
+        c = spec.context_slices
+        idx = np.clip(np.arange(z - c, z + c + 1), 0, data_ras.shape[2] - 1)  # edge slices repeated, as slice_stack
+        plane = resample_inplane(data_ras[:, :, idx], model_xy)
+        win = []
+        for axis in range(2):
+            n = model_xy[axis]
+            size = min(n, int(round(size_mm / spec.spacing_mm[axis])))  # padded to the size multiple below
+            mid = (centre[axis] + 0.5) * n / data_ras.shape[axis]
+            lo = min(max(0, int(np.floor(mid - size / 2))), n - size)
+            win.append(slice(lo, lo + size))
+        part = normalise(plane[win[0], win[1]], spec.normalisation)
+        pad = tuple((0, (-part.shape[a]) % spec.size_multiple) for a in range(2))
+        part = np.pad(part, pad + ((0, 0),), mode="constant", constant_values=float(part.min()))
+        batch = slice_stack(part, c)[c:c + 1]  # the middle slice, with its neighbours as channels
+        prep = Prepared(batch, (int(data_ras.shape[0]), int(data_ras.shape[1])), model_xy, pad, (win[0], win[1]))
+        out = self.ensemble.predict(batch)
+        prob = np.clip(restore(out.probability, prep)[:, :, 0], 0, 1)
+        # where the window's edge blends with the zeros around it, the map is not the window's
+        inside = restore(np.ones_like(out.probability), prep)[:, :, 0] > 0.999
+        return np.where(inside, prob, np.nan).astype(np.float32)

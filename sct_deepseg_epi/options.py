@@ -51,6 +51,80 @@ def _threshold(text: str) -> float:
     return v
 
 
+REPORT_NAME_MAX = 100  # bytes (UTF-8) of a -qc-dataset / -qc-subject name
+
+
+def check_report_name(value: str, flag: str) -> str:
+    """A QC dataset or subject name: shown in the report and part of its file names, so a name, never a path.
+
+    Refused: empty, ``.``, ``..``, a slash or backslash, control characters (NUL, newline...)
+    and more than :data:`REPORT_NAME_MAX` bytes.
+    """
+    import unicodedata
+
+    why = None
+    if not isinstance(value, str) or not value.strip():
+        why = "is empty"
+    elif value in (".", ".."):
+        why = "is a folder reference"
+    elif "/" in value or "\\" in value:
+        why = "holds a path separator"
+    elif any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in value):
+        why = "holds control characters"
+    elif len(value.encode("utf-8", "surrogateescape")) > REPORT_NAME_MAX:
+        why = f"is longer than {REPORT_NAME_MAX} bytes"
+    if why:
+        shown = repr(value if len(value) <= 60 else value[:60] + "...")
+        raise OptionError(f"{flag}: {shown} {why}; it must be a plain name (letters, digits, '-', '_'), "
+                          "not a path")
+    return value
+
+
+def report_name(flag: str) -> Callable[[str], str]:
+    """The argparse type of ``-qc-dataset``/``-qc-subject``: a bad name is a usage error (exit 2)."""
+    def parse(text: str) -> str:
+        try:
+            return check_report_name(text, flag)
+        except OptionError as exc:  # argparse names the flag itself
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
+    return parse
+
+
+def _whole(minimum: int) -> Callable[[str], int]:
+    """A flag's parser for whole numbers >= ``minimum``: refused at parse time (a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {v}")
+        return v
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """A flag's parser for finite numbers > 0 (a spacing, a learning rate): refused at parse time."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A flag's parser for a fraction in (0, 1] (nnU-Net's sliding-window step)."""
+    v = positive_number(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return v
+
+
+whole_number = _whole  # for the commands' own flags
+
+
 def _size(text: str) -> str:
     try:
         parse_size(text)
@@ -112,7 +186,7 @@ class Options:
     remove_small: str | None = field(default=None, metadata=_flag(
         "-remove-small", "<N[vox|mm3]>", _size, "Remove objects smaller than N voxels or mm3 (default: the model's)."))
     dilate: int | None = field(default=None, metadata=_flag(
-        "-dilate", "<int>", int, "Grow the mask by N voxels in each axial slice, e.g. a margin for motion "
+        "-dilate", "<int>", _whole(0), "Grow the mask by N voxels in each axial slice, e.g. a margin for motion "
                                  "correction (default: the model's, 0)."))
     mode_4d: Mode4D = field(default="mean", metadata=_flag(
         "-4d", None, None, "4D input: segment the temporal mean (mean, 3D mask) or every volume (each, 4D mask).",
@@ -127,7 +201,13 @@ class Options:
         "-roi", "<0|1>", yes_no, "Find the cord with a quick first pass, then run the ensemble on a region around "
                                  "it (default 1; 0 runs the ensemble on the whole field, slower)."))
     threads: int | None = field(default=None, metadata=_flag(
-        "-threads", "<int>", int, "CPU threads for inference (default: all CPUs available to this process)."))
+        "-threads", "<int>", _whole(1), "CPU threads for inference (default: all CPUs available to this process)."))
+    # a label file, a label image or (i, j, k, value) voxel points: prompts.read_prompts
+    prompts: Any = field(default=None, metadata=_flag(
+        "-prompt", "<file>", None, "Points that correct the mask: a label image on the input's grid (as "
+        "sct_label_utils -create-viewer or FSLeyes write it), 1 on the cord where a slice was missed or wrong, "
+        "2 on an object that is not cord. Slices without a point are segmented as without this option "
+        "(docs/postprocessing.md)."))
 
     def __post_init__(self):
         if self.threshold is not None and float(self.threshold) == 0:  # SCT's spelling of the soft map
@@ -176,6 +256,8 @@ class Options:
         d.setdefault("method", None)
         if not self.localise:
             d["localise"] = False
+        if self.prompts is not None:
+            d["prompts"] = str(self.prompts)
         return d
 
 

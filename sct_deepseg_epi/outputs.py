@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -33,9 +34,10 @@ def prove_writable(folder: Path | str) -> None:
 
     ``os.access`` says yes to root on a read-only mount, and nothing can be created under /proc.
     """
-    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
-    os.close(fd)
-    os.unlink(probe)
+    with signals_deferred():  # a signal in between would leave the probe behind
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
 
 
 def refuse_overwrite(targets: Mapping[str, Path | str], inputs: Iterable[Path | str]) -> None:
@@ -53,26 +55,39 @@ def refuse_overwrite(targets: Mapping[str, Path | str], inputs: Iterable[Path | 
                 raise InputError(f"{out}: the {role} path is the input {i}; choose another -o")
 
 
-def check_outputs(targets: Mapping[str, Path | str], inputs: Iterable[Path | str] = ()) -> dict[str, Path]:
+def check_outputs(targets: Mapping[str, Path | str], inputs: Iterable[Path | str] = (), *,
+                  new_folders: bool = False) -> dict[str, Path]:
     """Check every path a run will write, before any work is done.
 
     An output may not be an input, an existing folder, or too long a name for the file
     system once the temporary suffix is added; its folder must exist and be writable,
     which is proven by creating a file there (``os.access`` says yes to root on a
-    read-only mount, and nothing can be created under /proc).
+    read-only mount, and nothing can be created under /proc). ``new_folders``: a missing
+    folder will be made by the run (a QC report's); its names are checked instead, and the
+    folder it will be made in is proven writable.
     """
     outs = {role: Path(p) for role, p in targets.items()}
     for out in outs.values():  # first: a name too long makes every later stat() fail
         folder = out.parent if str(out.parent) else Path(".")
-        limit = _name_max(folder) if folder.is_dir() else 255
+        limit = _name_max(_existing_ancestor(folder))
         n = len(os.fsencode(out.name))
         if n + TEMP_NAME_EXTRA > limit:
             raise InputError(f"{out}: the file name is {n} bytes; this file system allows {limit}, less "
                              f"{TEMP_NAME_EXTRA} for the temporary name it is written under: choose a shorter name")
+        for part in folder.parts if new_folders else ():
+            if len(os.fsencode(part)) > limit:
+                raise InputError(f"{out}: the folder name {part[:40]}... is {len(os.fsencode(part))} bytes; "
+                                 f"this file system allows {limit}: choose a shorter name")
     refuse_overwrite(outs, inputs)
     probed: set[str] = set()
     for role, out in outs.items():
         folder = out.parent if str(out.parent) else Path(".")
+        if new_folders and _existing_ancestor(folder) != folder:
+            key = os.path.realpath(folder)
+            if key not in probed:
+                check_folder(folder, role=f"folder of the {role}")
+                probed.add(key)
+            continue
         if not folder.is_dir():
             what = "is not a folder" if folder.exists() else "does not exist"
             raise InputError(f"{out}: the output folder {folder} {what}")
@@ -87,6 +102,53 @@ def check_outputs(targets: Mapping[str, Path | str], inputs: Iterable[Path | str
                                  f"({exc.strerror or exc})") from None
             probed.add(key)
     return outs
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    """The nearest folder on the way up that exists (a name too long for the file system does not)."""
+    f = folder
+    while f != f.parent:
+        try:
+            if f.is_dir():
+                break
+        except OSError:
+            pass
+        f = f.parent
+    return f
+
+
+def make_folders(folder: Path | str, role: str = "output folder") -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those this call created, outermost first,
+    for :func:`remove_folders` to undo after a failure.
+
+    A level that cannot be made (read-only mount) is one line; the levels made before it are removed.
+    """
+    folder = Path(folder)
+    missing = []
+    f = folder
+    while not f.exists() and f != f.parent:
+        missing.append(f)
+        f = f.parent
+    made = []
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except FileExistsError:
+            continue  # made by another run at the same time: not ours to remove
+        except OSError as exc:
+            remove_folders(made)
+            raise InputError(f"{folder}: the {role} cannot be created ({exc.strerror or exc})") from None
+        made.append(f)
+    return made
+
+
+def remove_folders(made: Iterable[Path]) -> None:
+    """Remove the folders a failed run created (innermost first), where they are still empty."""
+    for f in reversed(list(made)):
+        try:
+            f.rmdir()
+        except OSError:
+            pass  # another run has put a file there since: it stays
 
 
 def check_folder(folder: Path | str, inputs: Iterable[Path | str] = (), *, role: str = "output folder") -> Path:
@@ -143,6 +205,37 @@ def check_suffix(path: Path | str, suffixes: tuple[str, ...] | None = NIFTI_SUFF
 def write_error(path: Path | str, exc: OSError) -> InputError:
     """An OSError while writing ``path``, as the one-line error the CLI prints."""
     return InputError(f"{path}: cannot be written ({exc.strerror or exc})")
+
+
+@contextmanager
+def signals_deferred():
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a temporary is created and recorded by its owner.
+
+    One handled in between would leave a file that no clean-up knows of; held, its handler runs
+    as soon as the block ends, when the file is recorded and removed like the others. Python
+    handlers run in the main thread whichever thread the kernel picks, so they are swapped
+    here rather than the signals blocked. Signals that kill outright (no handler) are left
+    alone: they leave temporaries as ``kill -9`` does, for the next run to remove.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread: they cannot interrupt this one
+        return
+    held: list[int] = []
+    replaced = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and callable(signal.getsignal(sig)):
+            replaced[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
+        if held:
+            replaced[held[0]](held[0], None)  # now: it raises (Ctrl-C, Terminated) with the file recorded
 
 
 def locked_temp(final: Path) -> tuple[Path, int]:
@@ -229,7 +322,8 @@ class OutputSet:
 
     def temp(self, role: str) -> Path:
         if role not in self._temps:
-            self._temps[role] = locked_temp(self.targets[role])
+            with signals_deferred():  # a signal lands before or after the temporary is recorded, not between
+                self._temps[role] = locked_temp(self.targets[role])
         return self._temps[role][0]
 
     def commit(self) -> dict[str, Path]:

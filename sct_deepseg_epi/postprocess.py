@@ -9,12 +9,13 @@ only, held to scipy.ndimage by the tests); cord masks are small, so this costs m
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from . import ndimage
 from .ndimage import label
+from .errors import OptionError
 from .options import PostOptions, parse_size
 
 if TYPE_CHECKING:
@@ -81,7 +82,8 @@ def postprocess(prob: np.ndarray, opts: PostOptions, voxel_mm3: float) -> np.nda
     return clean(prob >= opts.threshold, opts, voxel_mm3)
 
 
-def finish(probs: Probabilities, opts: PostOptions, zooms, labels_at: float) -> np.ndarray:
+def finish(probs: Probabilities, opts: PostOptions, zooms, labels_at: float, *, prompts: Sequence = (),
+           rerun: Callable | None = None, effects: list[str] | None = None) -> np.ndarray:
     """The uint8 mask of a backend's output on the RAS grid with voxel sizes ``zooms``.
 
     A model with its own label map (nnU-Net's argmax) keeps it at its own threshold
@@ -89,7 +91,15 @@ def finish(probs: Probabilities, opts: PostOptions, zooms, labels_at: float) -> 
     ``method="z"`` then follows the cord along z (:mod:`.zfollow`), which decides the
     objects kept and fills holes itself, before the remaining steps. Cleaning keeps label
     values; voxels added (holes, weaker slices) take label 1.
+
+    ``prompts`` (points on the cord or not, :mod:`.prompts`) and ``rerun`` (the backend's
+    :meth:`~sct_deepseg_epi.backend.Backend.predict_window` for this volume) go to z-following,
+    which alone knows what to do with them (``method="3d"`` refuses them); ``effects``, a
+    list, receives what each prompt did.
     """
+    if prompts and opts.method != "z":
+        raise OptionError("prompts need the z-following postprocessing (-postprocess z), not -postprocess "
+                          f"{opts.method}")
     voxel_mm3 = float(np.prod(zooms[:3]))
     if probs.labels is not None and opts.threshold == labels_at:
         labels = probs.labels
@@ -99,8 +109,11 @@ def finish(probs: Probabilities, opts: PostOptions, zooms, labels_at: float) -> 
     if opts.method == "z":
         from .zfollow import zfollow, zfollow_options
 
-        followed = zfollow(probs.probability, zooms, zfollow_options(opts.threshold, opts.fill_holes)).mask
-        kept = clean(followed, replace(opts, largest=False, fill_holes=False), voxel_mm3)
+        followed = zfollow(probs.probability, zooms, zfollow_options(opts.threshold, opts.fill_holes),
+                           prompts=prompts, rerun=rerun)
+        if effects is not None:
+            effects[:] = followed.prompts
+        kept = clean(followed.mask, replace(opts, largest=False, fill_holes=False), voxel_mm3)
     else:
         kept = clean(fg, opts, voxel_mm3)
     if kept is not fg:

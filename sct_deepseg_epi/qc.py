@@ -10,19 +10,24 @@ no scripts, no external files, images inline as PNG) with one section per segmen
   one mosaic per volume for a 4D mask (``-4d each``), up to :data:`MAX_VOLUMES`;
 - the cord area per slice (table and bar chart), and which slices have no cord.
 
-Running it again for the same image replaces that image's section. PNGs are written with
-numpy and zlib, so the report needs no plotting library.
+Running it again for the same image replaces that image's section. The slice pictures are
+made in :mod:`~sct_deepseg_epi.qc_tiles` (numpy and zlib, no plotting library) and the
+page's HTML in :mod:`~sct_deepseg_epi.qc_page`.
+
+The page and the image's entry (``FOLDER/.sct_deepseg_epi_qc/DATASET/``) are outputs like the
+mask: checked before any work, written together, never over a file this program did not write
+(nor over SCT's ``index.html``); dataset and subject names are names, never paths.
 """
 from __future__ import annotations
 
 import base64
 import datetime
-import html
+import fcntl
+import hashlib
 import json
+import logging
 import os
-import struct
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,84 +37,18 @@ import numpy as np
 from nibabel.orientations import apply_orientation
 
 from .errors import InputError
-from .read import load_nifti, read_volume, strip_nifti_suffix
-from .write import atomic_path, like, save_nifti, sidecar_path
+from .options import check_report_name
+from .outputs import OutputSet, check_outputs, make_folders, remove_folders
+from .prompts import sidecar_points
+from .qc_page import PAGE_MARK, entry_html, render_page
+from .qc_tiles import png_bytes, slice_tile
+from .read import load_nifti, one_line, read_volume, strip_nifti_suffix
+from .write import like, save_nifti, sidecar_path
 
-CROP_MM = 32.0        # width of each slice's crop around the cord
-PIXELS_PER_MM = 4.0   # display scale (nearest neighbour: each voxel stays a visible block)
+log = logging.getLogger(__name__)
+
 MAX_VOLUMES = 8       # mosaics shown for a 4D mask (evenly spaced volumes)
-DISAGREEMENT_FULL = 0.25  # std of member probabilities shown at full colour
 ENTRIES = ".sct_deepseg_epi_qc"
-
-# --- PNG ----------------------------------------------------------------------------------------
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) uint8 array as a PNG (8-bit RGB, no filter) with zlib."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) array, got {rgb.shape}")
-    h, w, _ = rgb.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-# --- images -------------------------------------------------------------------------------------
-
-def _window(tile: np.ndarray) -> np.ndarray:
-    """Grey levels 0..1 between the 1st and 99th percentiles of the tile."""
-    lo, hi = np.percentile(tile, [1, 99]) if tile.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return np.clip((tile - lo) / (hi - lo), 0, 1)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of the mask that touch a pixel outside it (4-neighbourhood)."""
-    m = mask.astype(bool)
-    p = np.pad(m, 1)
-    inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m & ~inner
-
-
-def _crop(a: np.ndarray, cx: int, cy: int, hx: int, hy: int) -> np.ndarray:
-    """``a[cx-hx:cx+hx+1, cy-hy:cy+hy+1]``, padded with zeros outside the image."""
-    p = np.pad(a, ((hx, hx), (hy, hy)))
-    return p[cx:cx + 2 * hx + 1, cy:cy + 2 * hy + 1]
-
-
-def _display(a: np.ndarray, fx: int, fy: int) -> np.ndarray:
-    """RAS (x, y) -> screen rows/columns: anterior up, patient's right on the left; upscaled."""
-    return np.repeat(np.repeat(a[::-1, ::-1].T, fy, axis=0), fx, axis=1)
-
-
-def slice_tile(image: np.ndarray, mask: np.ndarray, disagreement: np.ndarray | None, centre: tuple[float, float],
-               zooms: tuple[float, float]) -> np.ndarray:
-    """One axial slice (RAS x, y) as an RGB tile: image + red mask outline, and under it the disagreement."""
-    hx = int(np.ceil(CROP_MM / 2 / zooms[0]))
-    hy = int(np.ceil(CROP_MM / 2 / zooms[1]))
-    fx = max(1, int(round(PIXELS_PER_MM * zooms[0])))
-    fy = max(1, int(round(PIXELS_PER_MM * zooms[1])))
-    cx, cy = int(round(centre[0])), int(round(centre[1]))
-    img = _display(_crop(image, cx, cy, hx, hy), fx, fy)
-    m = _display(_crop(mask, cx, cy, hx, hy), fx, fy) > 0
-    grey = _window(img)
-    top = np.repeat(grey[..., None], 3, axis=2)
-    top[_outline(m)] = (1.0, 0.15, 0.15)
-    rows = [top]
-    if disagreement is not None:
-        d = np.clip(_display(_crop(disagreement, cx, cy, hx, hy), fx, fy) / DISAGREEMENT_FULL, 0, 1)[..., None]
-        heat = np.concatenate([np.ones_like(d), 0.85 * (1 - d) + 0.1, 0.1 * (1 - d)], axis=2)  # yellow -> red
-        alpha = np.clip(d * 1.5, 0, 0.9)
-        bottom = (1 - alpha) * (0.6 * np.repeat(grey[..., None], 3, axis=2)) + alpha * heat
-        bottom[_outline(m)] = (0.3, 0.8, 1.0)
-        rows += [np.ones((3, top.shape[1], 3)), bottom]
-    return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-
 
 # --- the entry for one image --------------------------------------------------------------------
 
@@ -127,8 +66,8 @@ def _as_image(x) -> nib.Nifti1Image:
     return x if isinstance(x, nib.spatialimages.SpatialImage) else load_nifti(x)
 
 
-def _volume_entries(frames, masks, disagreements, zooms) -> list[dict]:
-    from .handoff import cord_centreline
+def _volume_entries(frames, masks, disagreements, zooms, marks: dict[int, list[dict]] | None = None) -> list[dict]:
+    from .mocomask import cord_centreline
 
     volumes = []
     for (label, image), mask, dis in zip(frames, masks, disagreements):
@@ -141,10 +80,11 @@ def _volume_entries(frames, masks, disagreements, zooms) -> list[dict]:
         area = mask.reshape(-1, nz).sum(axis=0) * zooms[0] * zooms[1]
         slices = []
         for z in range(nz):
+            here = (marks or {}).get(z, [])
             tile = slice_tile(image[..., z], mask[..., z], None if dis is None else dis[..., z], tuple(centres[z]),
-                              zooms[:2])
+                              zooms[:2], [(p["x"], p["y"], p["value"]) for p in here])
             slices.append({"z": z, "area_mm2": round(float(area[z]), 2), "cord": bool(found[z]),
-                           "png": base64.b64encode(png_bytes(tile)).decode("ascii")})
+                           "png": base64.b64encode(png_bytes(tile)).decode("ascii"), "prompts": here})
         volumes.append({"label": label, "slices": slices,
                         "mean_disagreement": None if dis is None or not mask.any()
                         else round(float(dis[mask > 0].mean()), 4)})
@@ -175,10 +115,6 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
         frames = [(f"volume {t}", data[t]) for t in shown]
         masks = [ras(mask_data[..., t]) for t in shown]
         diss = [None if dis_data is None else ras(dis_data[..., t] if dis_data.ndim == 4 else dis_data) for t in shown]
-    volumes = _volume_entries(frames, masks, diss, vol.zooms)
-    per_volume = [ras(mask_data[..., t]) for t in range(n_t)] if n_t > 1 else masks
-    with_cord = [int(m.reshape(-1, m.shape[2]).any(axis=0).sum()) for m in per_volume]
-    n_slices = per_volume[0].shape[2]
     sidecar = sidecar_path(mask) if isinstance(mask, (str, Path)) else None
     model, side = None, {}
     if sidecar is not None and sidecar.is_file():
@@ -187,15 +123,20 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
             model = f"{side['model']['name']}@{side['model']['version']}"
         except (ValueError, KeyError, TypeError):
             model = None
+    marks = sidecar_points(side, vol)
+    volumes = _volume_entries(frames, masks, diss, vol.zooms, marks)
+    per_volume = [ras(mask_data[..., t]) for t in range(n_t)] if n_t > 1 else masks
+    with_cord = [int(m.reshape(-1, m.shape[2]).any(axis=0).sum()) for m in per_volume]
+    n_slices = per_volume[0].shape[2]
     flags = _flags_by_z(side, vol, n_slices)
     for v in volumes:
         for sl in v["slices"]:
             sl["flag"] = flags.get(sl["z"])
-    resolved = image.resolve()
+    dataset, subject, key = report_names(image, dataset, subject)
     return {
-        "key": f"{subject or resolved.parent.parent.name}/{image.name}",
-        "dataset": dataset or resolved.parent.parent.parent.name or "dataset",
-        "subject": subject or resolved.parent.parent.name or "subject",
+        "key": key,
+        "dataset": dataset,
+        "subject": subject,
         "input": str(image),
         "mask": str(mask) if isinstance(mask, (str, Path)) else "(in memory)",
         "model": model,
@@ -208,6 +149,7 @@ def build_entry(image: str | Path, mask, disagreement=None, *, dataset: str | No
         "slices_with_cord": with_cord,
         "cord_volume_mm3": round(float(np.mean([m.sum() for m in per_volume]) * np.prod(vol.zooms)), 1),
         "flagged": sorted(flags),
+        "prompted": sorted(marks),
         "volumes": volumes,
     }
 
@@ -228,123 +170,142 @@ def _flags_by_z(side: dict, vol, n_slices: int) -> dict[int, dict]:
     return out
 
 
-# --- the standalone page ------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;background:#111;color:#ddd}
-h1{font-size:20px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 6px;border-top:1px solid #444;padding-top:14px}
-h3{font-size:14px;margin:14px 0 6px;color:#aaa} a{color:#7cf} .meta{color:#999;font-size:13px}
-table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #444;padding:3px 7px;text-align:right}
-th{background:#222} td.l,th.l{text-align:left} .warn{color:#fb4} .ok{color:#7d7}
-.mosaic{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;text-align:center;font-size:12px}
-figure img{display:block;image-rendering:pixelated;border:2px solid #3a3} figure.nocord img{border-color:#a33}
-figure.flag img{border:3px dashed #fb4} figure.flag figcaption{color:#fb4}
-.legend{font-size:12px;color:#aaa;margin:4px 0} .sw{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px}
-svg text{fill:#aaa;font-size:10px}
-"""
-
-
-def _area_chart(areas: list[float]) -> str:
-    w, h, top = 22, 80, max(max(areas), 1e-6)
-    bars = []
-    for i, a in enumerate(areas):
-        bh = h * a / top
-        colour = "#5a5" if a > 0 else "#a33"
-        bars.append(f'<rect x="{i * w + 2}" y="{h - bh + 4:.1f}" width="{w - 4}" height="{max(bh, 1):.1f}" fill="{colour}"/>'
-                    f'<text x="{i * w + w / 2}" y="{h + 16}" text-anchor="middle">{i}</text>')
-    return (f'<svg width="{len(areas) * w + 4}" height="{h + 22}" role="img" aria-label="cord area per slice">'
-            + "".join(bars) + "</svg>")
-
-
-def _entry_html(e: dict, anchor: str) -> str:
-    esc = html.escape
-    gaps = [i for i, n in enumerate(e["slices_with_cord"]) if n < e["n_slices"]]
-    status = ('<span class="ok">cord in every slice</span>' if not gaps else
-              f'<span class="warn">slices without cord in {len(gaps)} of {e["n_volumes"]} volume(s)</span>')
-    if max(e["slices_with_cord"]) == 0:
-        status = '<span class="warn">no cord found</span>'
-    if e.get("flagged"):
-        status += (f' &middot; <span class="warn">{len(e["flagged"])} slice(s) to check first: z='
-                   + ", ".join(map(str, e["flagged"])) + "</span>")
-    out = [f'<h2 id="{anchor}">{esc(e["subject"])} &middot; {esc(Path(e["input"]).name)}</h2>',
-           f'<div class="meta">mask {esc(e["mask"])}' + (f' &middot; model {esc(e["model"])}' if e["model"] else "")
-           + f' &middot; {esc(e["date"])}<br>voxel {" x ".join(map(str, e["voxel_mm"]))} mm &middot; '
-           f'{e["n_slices"]} slices &middot; {e["n_volumes"]} volume(s) &middot; cord volume {e["cord_volume_mm3"]} mm&sup3; '
-           f'&middot; {status}'
-           + (f'<br>command: <code>{esc(e["command"])}</code>' if e["command"] else "") + "</div>"]
-    for v in e["volumes"]:
-        areas = [s["area_mm2"] for s in v["slices"]]
-        n_cord = sum(s["cord"] for s in v["slices"])
-        dis = "" if v["mean_disagreement"] is None else f' &middot; mean disagreement in the mask {v["mean_disagreement"]}'
-        out.append(f'<h3>{esc(v["label"])}: cord in {n_cord} of {len(areas)} slices{dis}</h3>')
-        out.append('<div class="legend">each slice: the image with the mask outline (red); under it, the ensemble '
-                   'disagreement from <span class="sw" style="background:#fd2"></span>low to <span class="sw" '
-                   'style="background:#f31"></span>high, with the outline in blue. Anterior up, patient\'s right on '
-                   'the left; a red frame marks a slice without cord, a dashed orange frame a slice to check '
-                   '(reasons under it; the mask\'s sidecar lists them per slice).</div><div class="mosaic">')
-        for s in v["slices"]:
-            flag = s.get("flag")
-            cls = ' class="flag"' if flag else "" if s["cord"] else ' class="nocord"'
-            cap = f'z={s["z"]} &middot; {s["area_mm2"]:g} mm&sup2;' if s["cord"] else f'z={s["z"]} &middot; no cord'
-            if flag:
-                cap += "<br>check: " + esc(", ".join(flag["reasons"]).replace("_", " ")) + (
-                    f' (file slice {flag["slice"]})' if flag["slice"] != s["z"] else "")
-            out.append(f'<figure{cls}><img alt="slice {s["z"]}" src="data:image/png;base64,{s["png"]}">'
-                       f"<figcaption>{cap}</figcaption></figure>")
-        out.append("</div>")
-        out.append('<h3>cord area per slice (mm&sup2;)</h3>' + _area_chart(areas))
-        out.append('<table><tr><th class="l">slice</th>' + "".join(f"<th>{s['z']}</th>" for s in v["slices"])
-                   + '</tr><tr><td class="l">area</td>' + "".join(f"<td>{a:g}</td>" for a in areas) + "</tr></table>")
-    return "\n".join(out)
-
-
-def render_page(dataset: str, entries: list[dict]) -> str:
-    """The self-contained HTML page of one dataset."""
-    from . import __version__
-
-    esc = html.escape
-    entries = sorted(entries, key=lambda e: (e["subject"], e["input"]))
-    rows = []
-    for i, e in enumerate(entries):
-        n_cord = min(e["slices_with_cord"])
-        cls = "ok" if n_cord == e["n_slices"] else "warn"
-        n_flag = len(e.get("flagged", []))
-        rows.append(f'<tr><td class="l"><a href="#e{i}">{esc(e["subject"])}</a></td><td class="l">{esc(Path(e["input"]).name)}</td>'
-                    f'<td class="{cls}">{n_cord}/{e["n_slices"]}</td><td class="{"warn" if n_flag else "ok"}">{n_flag}</td>'
-                    f'<td>{e["cord_volume_mm3"]}</td><td class="l">{esc(e["date"])}</td></tr>')
-    body = "\n".join(_entry_html(e, f"e{i}") for i, e in enumerate(entries))
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>QC {esc(dataset)} - sct_deepseg_epi</title><style>{_CSS}</style></head><body>\n"
-            f"<h1>Spinal cord segmentation QC: {esc(dataset)}</h1>"
-            f'<div class="meta">sct_deepseg_epi {esc(__version__)} &middot; {len(entries)} image(s)</div>\n'
-            '<table><tr><th class="l">subject</th><th class="l">image</th><th>slices with cord (min over volumes)</th>'
-            '<th>slices to check</th>'
-            f'<th>cord volume (mm&sup3;)</th><th class="l">date</th></tr>{"".join(rows)}</table>\n{body}\n</body></html>\n')
-
-
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
 
 
+def report_names(image: str | Path, dataset: str | None = None, subject: str | None = None) -> tuple[str, str, str]:
+    """(dataset, subject, entry key) of ``image``'s section: the names given, else its folders' (as SCT).
+
+    Given names are checked (:func:`~sct_deepseg_epi.options.check_report_name`): names, never paths.
+    """
+    for value, flag in ((dataset, "-qc-dataset"), (subject, "-qc-subject")):
+        if value is not None:
+            check_report_name(value, flag)
+    resolved = Path(image).resolve()
+    subject = subject or resolved.parent.parent.name or "subject"
+    dataset = dataset or resolved.parent.parent.parent.name or "dataset"
+    return dataset, subject, f"{subject}/{Path(image).name}"
+
+
+def _entry_name(key: str) -> str:
+    """The entry's file name; a long key is shortened and made unique with its hash."""
+    name = _safe(key)
+    if len(name.encode()) > 120:
+        name = f"{name[:100]}-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+    return name + ".json"
+
+
+def report_targets(image: str | Path, folder: str | Path, *, dataset: str | None = None,
+                   subject: str | None = None) -> dict[str, Path]:
+    """The files the standalone page writes for ``image``: ``FOLDER/DATASET.html`` and the image's entry.
+
+    Refused before any work: a page named like SCT's QC index (``index.html``), and any
+    existing file at either path that this program did not write (a user's page, another
+    image's entry under the same file name). The caller checks the paths themselves with
+    :func:`~sct_deepseg_epi.outputs.check_outputs`, like every other output.
+    """
+    dataset, _, key = report_names(image, dataset, subject)
+    folder = Path(folder)
+    page = folder / f"{_safe(dataset)}.html"
+    if _safe(dataset).lower() == "index":
+        raise InputError(f"{page}: index.html is the page of SCT's QC report in the same folder; "
+                         "choose another -qc-dataset")
+    entry = folder / ENTRIES / _safe(dataset) / _entry_name(key)
+    _refuse_foreign(page, lambda head: PAGE_MARK in head or _OLD_PAGE_MARK in head, "page")
+    _refuse_foreign(entry, lambda head: _is_entry_of(head, key), "entry")
+    return {"QC page": page, "QC entry": entry}
+
+
+_OLD_PAGE_MARK = b" - sct_deepseg_epi</title>"  # the pages of earlier versions
+
+
+def _is_entry_of(text: bytes, key: str) -> bool:
+    try:
+        return json.loads(text).get("key") == key
+    except (ValueError, AttributeError):
+        return False
+
+
+def _refuse_foreign(path: Path, ours, what: str) -> None:
+    """Refuse to replace a file that exists and is not this program's QC page or this image's entry."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read() if what == "entry" else f.read(4096)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        return  # check_outputs says it is a folder
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read to check what it is ({exc.strerror or exc})") from None
+    if not ours(head):
+        whose = "this image's QC entry" if what == "entry" else "a QC page of sct_deepseg_epi"
+        raise InputError(f"{path}: exists and is not {whose}; it is left alone: choose another "
+                         "-qc folder or -qc-dataset")
+
+
+def _read_entries(store: Path, skip: Path) -> list[dict]:
+    """The other entries of a dataset; one that cannot be read or shown is left out with a warning."""
+    entries = []
+    for p in sorted(store.glob("*.json")):
+        if p.name == skip.name or p.name.startswith("."):  # this image's (being replaced), temporaries
+            continue
+        try:
+            e = json.loads(p.read_text(encoding="utf-8"))
+            entry_html(e, "check")
+            entries.append(e)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            log.warning("%s: not a readable QC entry, left out of the page (%s)", p, one_line(exc))
+    return entries
+
+
+def _lock_folder(folder: Path) -> int:
+    """Lock ``folder`` itself (no lock file to leave behind); it is made again if a failed run removed it."""
+    for _ in range(5):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(folder)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise InputError(f"{folder}: keeps being removed by another process")
+
+
 def html_report(image: str | Path, mask, folder: str | Path, disagreement=None, *, dataset: str | None = None,
                 subject: str | None = None, command: Sequence[str] | None = None) -> Path:
-    """Add (or replace) this image's section in ``FOLDER/DATASET.html``; returns the page's path."""
-    from filelock import FileLock
+    """Add (or replace) this image's section in ``FOLDER/DATASET.html``; returns the page's path.
 
-    folder = Path(folder)
+    The page and the image's entry are checked like every output (:func:`report_targets`,
+    :class:`~sct_deepseg_epi.outputs.OutputSet`) and renamed into place together; a report
+    that fails leaves no file, and no folder it made.
+    """
+    inputs = [p for p in (image, mask, disagreement) if isinstance(p, (str, Path))]
+    targets = report_targets(image, folder, dataset=dataset, subject=subject)
+    check_outputs(targets, inputs, new_folders=True)
     entry = build_entry(image, mask, disagreement, dataset=dataset, subject=subject, command=command)
-    store = folder / ENTRIES / _safe(entry["dataset"])
-    store.mkdir(parents=True, exist_ok=True)
-    page = folder / f"{_safe(entry['dataset'])}.html"
-    with FileLock(str(store) + ".lock"):
-        with atomic_path(store / f"{_safe(entry['key'])}.json") as tmp:
-            tmp.write_text(json.dumps(entry), encoding="utf-8")
-        entries = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(store.glob("*.json"))]
-        with atomic_path(page) as tmp:
-            tmp.write_text(render_page(entry["dataset"], entries), encoding="utf-8")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # a page to share, not a private temporary file
+    page, entry_path = targets["QC page"], targets["QC entry"]
+    made = make_folders(entry_path.parent)
+    fd = None
+    try:
+        fd = _lock_folder(entry_path.parent)
+        # checked again under the lock: another run may have written these files meanwhile
+        outputs = OutputSet(report_targets(image, folder, dataset=dataset, subject=subject), inputs)
+        with outputs:
+            outputs.temp("QC entry").write_text(json.dumps(entry), encoding="utf-8")
+            entries = _read_entries(entry_path.parent, entry_path) + [entry]
+            outputs.temp("QC page").write_text(render_page(entry["dataset"], entries), encoding="utf-8")
+        outputs.commit()  # the page is shared like any report: ordinary permissions, not mkstemp's 0600
+    except BaseException:
+        if fd is not None:
+            remove_folders(made[-1:])  # the entries folder, while it is locked
+        remove_folders(made)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     return page
 
 
@@ -368,9 +329,23 @@ def sct_report(image: str | Path, mask, folder: str | Path, *, dataset: str | No
     """
     from spinalcordtoolbox.reports import qc2
 
+    for value, flag in ((dataset, "-qc-dataset"), (subject, "-qc-subject")):
+        if value is not None:
+            check_report_name(value, flag)
     image = Path(image).resolve()
     folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    made = make_folders(folder)
+    try:
+        return _sct_report(image, mask, folder, dataset, subject, command)
+    except BaseException:
+        remove_folders(made)  # SCT's files stay where SCT put them; a folder made for nothing goes
+        raise
+
+
+def _sct_report(image: Path, mask, folder: Path, dataset: str | None, subject: str | None,
+                command: Sequence[str] | None) -> Path:
+    from spinalcordtoolbox.reports import qc2
+
     command = list(command or ["sct_deepseg_epi"])
     name = command[0].split()[0]
     mask_img = _as_image(mask)

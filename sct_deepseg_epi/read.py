@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import stat
+import threading
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -22,8 +24,12 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 _RAS = axcodes2ornt("RAS")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# Reading errors that mean "this file is damaged", as opposed to programming errors.
-READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+# Reading errors that mean "this file is damaged", as opposed to programming errors: nibabel's
+# header errors (an unknown datatype code, dim[0] out of range, a NaN intercept) derive from
+# Exception directly, not from ValueError.
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError,
+               nib.spatialimages.HeaderDataError, nib.spatialimages.HeaderTypeError,
+               nib.spatialimages.ImageDataError)
 # DEFLATE cannot compress better than about 1032:1, so a .nii.gz of N bytes holds at most this many
 # times N bytes of header and voxels: a header promising more is lying, whatever the data.
 GZIP_MAX_RATIO = 1032
@@ -127,8 +133,48 @@ def check_regular_file(path: Path | str) -> None:
         raise InputError(f"{p}: is {kind}, not a regular file")
 
 
-def load_nifti(path: Path | str) -> nib.Nifti1Image:
-    """Open a NIfTI file lazily, with one-line errors for the usual ways this goes wrong."""
+_NIBABEL_LOG = threading.Lock()
+
+
+@contextmanager
+def _nibabel_messages() -> Iterator[list[str]]:
+    """Collect what nibabel logs while it reads a header (its own handler would print it unnamed).
+
+    nibabel fixes some headers as it loads them ("pixdim[1,2,3] should be non-zero; setting 0
+    dims to 1") and prints that without the file's name; the caller names the file instead.
+    """
+    logger = logging.getLogger("nibabel.global")
+    got: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record.getMessage())
+
+    with _NIBABEL_LOG:  # one reader at a time swaps the handlers (batch and Dask workers run threads)
+        saved, propagate = logger.handlers[:], logger.propagate
+        logger.handlers[:] = [Keep()]
+        logger.propagate = False
+        try:
+            yield got
+        finally:
+            logger.handlers[:] = saved
+            logger.propagate = propagate
+
+
+def _header_warning(path: Path, message: str) -> str:
+    if "pixdim" in message and "non-zero" in message:
+        return f"{path}: a pixel size of 0 in the header is read as 1 mm; check the voxel size ({message})"
+    if "pixdim" in message and "positive" in message:
+        return f"{path}: a negative pixel size in the header is read as its absolute value ({message})"
+    return f"{path}: the header was fixed while reading it ({message})"
+
+
+def load_nifti(path: Path | str, warnings: list[str] | None = None) -> nib.Nifti1Image:
+    """Open a NIfTI file lazily, with one-line errors for the usual ways this goes wrong.
+
+    Header fixes nibabel makes on the way (a pixel size of 0 read as 1 mm) are logged as
+    warnings naming the file, and appended to ``warnings`` (the sidecar's) when given.
+    """
     p = Path(path)
     check_regular_file(p)
     if not has_nifti_suffix(p):
@@ -137,9 +183,15 @@ def load_nifti(path: Path | str) -> nib.Nifti1Image:
         raise InputError(f"{p}: the file is empty")
     try:
         # keep_file_open: a 4D .nii.gz is then read front to back once, not re-decompressed per volume
-        img = nib.load(str(p), keep_file_open=True)
+        with _nibabel_messages() as fixes:
+            img = nib.load(str(p), keep_file_open=True)
     except READ_ERRORS as exc:
         raise InputError(f"{p}: not a readable NIfTI image ({one_line(exc)})") from None
+    for fix in dict.fromkeys(fixes):
+        msg = _header_warning(p, one_line(fix))
+        log.warning(msg)
+        if warnings is not None:
+            warnings.append(msg)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{p}: not a NIfTI image ({type(img).__name__})")
     check_data_size(img, p)
@@ -217,4 +269,7 @@ def from_image(img: nib.Nifti1Image, source: str = "<image>") -> Volume:
 
 def read_volume(path: Path | str) -> Volume:
     """Stage 1: path -> validated, reoriented Volume (temporal mean for a 4D series)."""
-    return from_image(load_nifti(path), str(path))
+    fixes: list[str] = []
+    vol = from_image(load_nifti(path, fixes), str(path))
+    vol.warnings[:0] = fixes
+    return vol

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import nibabel as nib
 import numpy as np
 
-from .outputs import locked_temp, umask_mode, write_error
+from .outputs import locked_temp, signals_deferred, umask_mode, write_error
 from .read import strip_nifti_suffix
 
 
@@ -45,16 +45,20 @@ def derived_path(nifti_path: Path | str, suffix: str) -> Path:
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it into place only on success."""
     final = Path(final)
-    tmp, fd = locked_temp(final)
+    tmp = fd = None
     try:
+        with signals_deferred():  # a signal lands before the temporary exists or once it is known here
+            tmp, fd = locked_temp(final)
         yield tmp
         os.chmod(tmp, umask_mode())
         os.replace(tmp, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def output_header(ref: nib.Nifti1Image, shape: tuple[int, ...], dtype: np.dtype) -> nib.Nifti1Header:
@@ -115,12 +119,14 @@ class FrameWriter:
         hdr.set_data_offset(self.offset)
         self._disk_dtype = self.dtype.newbyteorder(hdr.endianness)
         self._own_fd = None
-        if tmp is None:
-            tmp, self._own_fd = locked_temp(self.path)
-        self._tmp = Path(tmp)
+        self._tmp = None if tmp is None else Path(tmp)
         self.count = 0
         self._raw = self._f = None
         try:
+            if self._tmp is None:
+                with signals_deferred():  # a signal lands before the temporary exists or once it is recorded
+                    tmp, self._own_fd = locked_temp(self.path)
+                    self._tmp = Path(tmp)
             self._raw = open(self._tmp, "wb")
             self._f = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=1) if str(path).endswith(".gz") \
                 else self._raw
@@ -129,6 +135,9 @@ class FrameWriter:
         except OSError as exc:
             self.abort()
             raise write_error(self.path, exc) from None
+        except BaseException:  # Ctrl-C or a signal while the header is written
+            self.abort()
+            raise
 
     def write(self, frame: np.ndarray) -> None:
         if frame.shape != self.shape[:3]:
@@ -178,7 +187,8 @@ class FrameWriter:
             self._close()
         except OSError:
             pass  # the file goes anyway
-        self._tmp.unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
         self._release()
 
     def _release(self) -> None:

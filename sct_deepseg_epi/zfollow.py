@@ -38,10 +38,25 @@ even touch in 3D. This module decides slice by slice, guided by a centreline:
 
 The result keeps no voxel off the centreline, so nothing depends on 3D connectivity.
 numpy only (scipy's import costs more than the whole postprocessing).
+
+**Prompts** (points from the user, :mod:`.prompts`; without any, nothing above runs
+differently). Before the candidates are found: a point *on the cord* has the members run again
+on its slice in windows centred on it and normalised on each window (``rerun``; a slice with
+local signal loss is often only mis-normalised), and the windows' maximum replaces the slice's
+map there; a point *not cord* zeroes the map's component under it. A point on the cord that
+then lies in a component of ``p >= threshold`` makes that component the only candidate of its
+slice, with an evidence (``FORCED``) no chain can outweigh: the chain goes through it. The
+slices without a point then keep the result of the run without points, unless the points
+re-routed the chain (a member of that run is no longer one: the chain had followed a ghost).
+Last, each clicked slice is decided alone, from its final neighbours
+(:func:`.prompts.apply_prompts`): the outline grown from the point, if it agrees with the
+neighbours' cord placed at the point, pulled halfway towards that shape; else that shape.
+A point not cord removes the mask's component under it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -50,6 +65,7 @@ from .ndimage import label
 from .postprocess import fill_holes
 
 RULES_VERSION = "zfollow-1"
+FORCED = 1000.0       # the chain evidence of a prompted component: more than any chain can gain otherwise
 
 
 @dataclass(frozen=True)
@@ -84,11 +100,15 @@ def zfollow_options(threshold: float, fill_holes: bool = True) -> ZFollowOptions
 
 @dataclass
 class ZFollowResult:
-    """The mask plus what each slice was kept for: 'chain', 'hysteresis', 'bridge' or '' (empty)."""
+    """The mask plus what each slice was kept for: 'chain', 'hysteresis', 'bridge', 'prompt' (grown from a
+    point) or '' (empty)."""
 
     mask: np.ndarray
     kind: list[str]
     centreline_mm: np.ndarray  # (Z, 2) in-plane centre per slice (nan where there is no chain)
+    prompts: list[str] = field(default_factory=list)  # each prompt's effect, in the order given
+    route: dict[int, tuple] = field(default_factory=dict, repr=False)  # chain member per slice: (area, cx, cy)
+    maps: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)  # a cord point's candidate maps
 
 
 def _components(prob: np.ndarray, t: float, zooms) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -107,11 +127,13 @@ def _components(prob: np.ndarray, t: float, zooms) -> tuple[np.ndarray, dict[str
     return lab, stats
 
 
-def _chain(st: dict[str, np.ndarray], dz: float, o: ZFollowOptions) -> list[int]:
+def _chain(st: dict[str, np.ndarray], dz: float, o: ZFollowOptions, bonus: np.ndarray | None = None) -> list[int]:
     """Indices (into ``st``) of the best chain of candidates along z, by dynamic programming."""
     order = np.argsort(st["z"], kind="stable")
     z, cx, cy = st["z"][order], st["cx"][order], st["cy"][order]
     ev = np.minimum(1.0, st["area"][order] / o.full_area_mm2)
+    if bonus is not None:
+        ev = ev + bonus[order]
     score = ev.copy()
     prev = np.full(len(order), -1)
     for j in range(len(order)):
@@ -173,7 +195,7 @@ def _hysteresis(prob2: np.ndarray, centre: np.ndarray, radius: float, ref_area: 
     ladder = [o.threshold] if m >= o.threshold else []
     ladder += sorted({max(o.floor, o.relative ** i * min(m, o.threshold)) for i in range(1, o.ladder + 1)}, reverse=True)
     for t in ladder:
-        comp = _component_at(prob2, peak, t, ref_area, zooms, o)
+        comp = component_at(prob2, peak, t, ref_area, zooms, o)
         if comp is None:
             continue
         area = comp.sum() * zooms[0] * zooms[1]
@@ -183,7 +205,7 @@ def _hysteresis(prob2: np.ndarray, centre: np.ndarray, radius: float, ref_area: 
     return None
 
 
-def _component_at(prob2: np.ndarray, peak: tuple, t: float, ref_area: float, zooms,
+def component_at(prob2: np.ndarray, peak: tuple, t: float, ref_area: float, zooms,
                   o: ZFollowOptions) -> np.ndarray | None:
     """The component of ``prob2 >= t`` holding ``peak``, with ``t`` raised until its area is allowed."""
     pix = zooms[0] * zooms[1]
@@ -200,37 +222,79 @@ def _component_at(prob2: np.ndarray, peak: tuple, t: float, ref_area: float, zoo
     return None
 
 
-def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions()) -> ZFollowResult:
-    """Mask a probability volume (X, Y, Z), z the slice axis, following the cord along z (module doc)."""
+def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions(), *, prompts: Sequence = (),
+            rerun: Callable[[int, tuple[int, int], float], np.ndarray | None] | None = None) -> ZFollowResult:
+    """Mask a probability volume (X, Y, Z), z the slice axis, following the cord along z (module doc).
+
+    ``prompts``: :class:`~sct_deepseg_epi.prompts.Point` s (their ``ras`` voxel and ``cord``);
+    ``rerun(z, (x, y), size_mm)``: the members' map of slice z in a window of that size centred
+    on voxel (x, y), NaN outside the window, or None when the model cannot do that.
+    """
+    if not prompts:
+        return _follow(prob, zooms, opts)
+    from .prompts import apply_prompts
+
+    base = _follow(prob, zooms, opts)
+    res = _follow(prob, zooms, opts, prompts, rerun)
+    # a prompt changes its own slice; others only when it re-routes the chain, i.e. when a member of
+    # the chain without prompts is no longer one (a ghost's chain, say): a member added is not enough
+    mine = {p.ras[2] for p in prompts}
+    others = [k for k in range(len(res.kind)) if k not in mine]
+    if all(res.route.get(k) == v for k, v in base.route.items() if k not in mine):
+        res.mask[:, :, others] = base.mask[:, :, others]
+        for k in others:
+            res.kind[k] = base.kind[k]
+        res.centreline_mm = base.centreline_mm
+    return apply_prompts(res, prompts, tuple(float(v) for v in zooms[:3]), opts)
+
+
+def _follow(prob: np.ndarray, zooms, opts: ZFollowOptions, prompts: Sequence = (), rerun=None) -> ZFollowResult:
+    """:func:`zfollow`'s one pass, the prompts' changes included."""
     prob = np.asarray(prob, dtype=np.float32)
     zooms = tuple(float(v) for v in zooms[:3])
     n_z = prob.shape[2]
+    effects: list[str] = []
+    maps: dict[int, list[np.ndarray]] = {}
+    if prompts:
+        from .prompts import prompt_maps
+
+        prob, effects, maps = prompt_maps(prob, prompts, zooms, opts, rerun)
     mask = np.zeros(prob.shape, bool)
     kind = [""] * n_z
     lab, st = _components(prob, opts.threshold, zooms)
-    cand = np.flatnonzero(st["area"] >= opts.min_area_mm2)
+    # prompted components: the only candidate of their slice, and (nearly) certain chain members
+    forced = {int(lab[p.ras]) - 1 for p in prompts if p.cord and lab[p.ras]}
+    forced_z = {int(st["z"][i]) for i in forced}
+    keep = (st["area"] >= opts.min_area_mm2) | np.isin(np.arange(st["z"].size), list(forced))
+    if forced:
+        keep &= ~np.isin(st["z"], list(forced_z)) | np.isin(np.arange(st["z"].size), list(forced))
+    cand = np.flatnonzero(keep)
     if cand.size == 0:
-        return ZFollowResult(mask, kind, np.full((n_z, 2), np.nan))
+        return ZFollowResult(mask, kind, np.full((n_z, 2), np.nan), effects, maps=maps)
     sub = {k: v[cand] for k, v in st.items()}
-    members = [int(cand[i]) for i in _chain(sub, zooms[2], opts)]
+    bonus = np.where(np.isin(cand, list(forced)), FORCED, 0.0) if forced else None
+    members = [int(cand[i]) for i in _chain(sub, zooms[2], opts, bonus)]
     # members much smaller than their chain neighbours are specks on the path, not cord
     areas = {int(st["z"][i]): float(st["area"][i]) for i in members}
-    members = [i for i in members
-               if not areas[int(st["z"][i])] < opts.min_area_ratio * neighbour_median(areas, int(st["z"][i]))] or members
+    members = [i for i in members if i in forced or not areas[int(st["z"][i])] <
+               opts.min_area_ratio * neighbour_median(areas, int(st["z"][i]))] or members
     zs = st["z"][members].astype(float)
     pts = np.stack([st["cx"][members], st["cy"][members]], 1)
     line = _fit_centreline(zs, pts, n_z, zooms[2], opts)
     off = np.hypot(*(pts - line[zs.astype(int)]).T)
     if (off <= opts.tolerance_mm).any() and (off > opts.tolerance_mm).any():
-        members = [i for i, d in zip(members, off) if d <= opts.tolerance_mm]
+        members = [i for i, d in zip(members, off) if d <= opts.tolerance_mm or i in forced]
         zs = st["z"][members].astype(float)
         line = _fit_centreline(zs, np.stack([st["cx"][members], st["cy"][members]], 1), n_z, zooms[2], opts)
     chain_z = {int(st["z"][i]) for i in members}
     kept_area: dict[int, float] = {}
     pix = zooms[0] * zooms[1]
     for k in sorted(chain_z):
-        near = (st["z"] == k) & (np.hypot(st["cx"] - line[k, 0], st["cy"] - line[k, 1]) <= opts.tolerance_mm)
-        ids = np.flatnonzero(near) + 1
+        if k in forced_z:
+            ids = [i + 1 for i in members if i in forced and int(st["z"][i]) == k]
+        else:
+            near = (st["z"] == k) & (np.hypot(st["cx"] - line[k, 0], st["cy"] - line[k, 1]) <= opts.tolerance_mm)
+            ids = np.flatnonzero(near) + 1
         mask[:, :, k] = np.isin(lab[:, :, k], ids)
         kind[k] = "chain"
         kept_area[k] = float(mask[:, :, k].sum() * pix)
@@ -273,4 +337,5 @@ def zfollow(prob: np.ndarray, zooms, opts: ZFollowOptions = ZFollowOptions()) ->
             k += step
     if opts.fill_holes:
         mask = fill_holes(mask)
-    return ZFollowResult(mask, kind, line)
+    route = {int(st["z"][i]): (float(st["area"][i]), float(st["cx"][i]), float(st["cy"][i])) for i in members}
+    return ZFollowResult(mask, kind, line, effects, route=route, maps=maps)

@@ -1,6 +1,7 @@
 """BIDS discovery, derivative names and resume records (no images are read here)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -140,6 +141,9 @@ def test_is_up_to_date_reasons(tmp_path):
     out.sidecar.write_text(json.dumps({"Batch": {"input_sha256": "abc", **key}}))
     assert bids.is_up_to_date(out, "abc", key, []) == (False, "mask missing")
     out.mask.write_bytes(b"m")
+    assert bids.is_up_to_date(out, "abc", key, []) == (False, "no output checksums in the sidecar")
+    sums = {"mask": hashlib.sha256(b"m").hexdigest()}
+    out.sidecar.write_text(json.dumps({"Batch": {"input_sha256": "abc", "outputs_sha256": sums, **key}}))
     assert bids.is_up_to_date(out, "abc", key, []) == (True, "up to date")
     assert bids.is_up_to_date(out, "abd", key, []) == (False, "input changed")
     assert bids.is_up_to_date(out, "abc", bids.resume_key({"Name": "m", "Version": "2"}, {"threshold": None}), [])[1] == "model changed"

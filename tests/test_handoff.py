@@ -106,6 +106,15 @@ if os.environ.get("FAKE_SCT_FAIL") == name:
     sys.exit(1)
 if name == "sct_maths":
     img = nib.load(arg("-i")); save(np.asarray(img.dataobj).mean(-1), img, arg("-o"))
+elif name == "sct_fmri_moco" and "-dl" in argv:  # SCT 7.4's rules and outputs for -dl
+    refused = [a for a in ("-g", "-x", "-param", "-bvalmin") if a in argv]
+    if "-m" not in argv or refused:
+        print("sct_fmri_moco: error: -dl needs -m and refuses " + " ".join(refused)); sys.exit(2)
+    img = nib.load(arg("-i")); data = np.asarray(img.dataobj); stem = Path(arg("-i")).name[:-7]
+    out = Path(arg("-ofolder")); d, t = data.shape[2], data.shape[3]
+    save(data, img, out / f"{stem}_mocoDL.nii.gz"); save(data.mean(-1), img, out / f"{stem}_mocoDL_mean.nii.gz")
+    for axis in "xy":
+        nib.save(nib.Nifti1Image(np.zeros((1, 1, d, t), np.float32), img.affine), str(out / f"moco_params_{axis}.nii.gz"))
 elif name == "sct_fmri_moco":
     img = nib.load(arg("-i")); data = np.asarray(img.dataobj); stem = Path(arg("-i")).name[:-7]
     out = Path(arg("-ofolder"))
@@ -307,3 +316,16 @@ def make_synthetic_template(folder: Path, image: nib.Nifti1Image, cord: nib.Nift
         2, vertebral levels, PAM50_levels.nii.gz
         """))
     return folder
+
+
+def test_command_message_is_the_exception_of_a_traceback_not_sct_s_closing_line():
+    end = "\x1b[0mTotal runtime; 0.098 seconds.\x1b[0m"
+    out = f"lots\nTraceback (most recent call last):\n  File \"x.py\", line 1\nFileNotFoundError: [Errno 2] bin/isct_x\n{end}\n"
+    assert handoff._command_message(out) == "FileNotFoundError: [Errno 2] bin/isct_x"
+    # sct_fmri_moco -dl without weights: the message starts on the line after the exception's name
+    out = ("Traceback (most recent call last):\nFileNotFoundError: \n[moco-dl] MocoDL models not found. "
+           f"Please install them using: sct_download_data -d moco-dl_models.\n{end}\n")
+    assert handoff._command_message(out) == ("FileNotFoundError: [moco-dl] MocoDL models not found. Please install "
+                                             "them using: sct_download_data -d moco-dl_models.")
+    assert handoff._command_message(f"Traceback (most recent call last):\nKeyboardInterrupt\n{end}") == "KeyboardInterrupt"
+    assert handoff._command_message("a\nERROR: bad input\nb") == "ERROR: bad input"

@@ -150,3 +150,33 @@ _INHERITED = None
 def _predict_inherited():
     ens, x = _INHERITED
     return ens.predict(x).probability
+
+
+@pytest.mark.parametrize("centre, size_mm", [((20, 18), 24.0), ((21, 17), 24.0), ((3, 33), 16.0), ((20, 18), 500.0)])
+def test_predict_window_normalises_on_the_window_alone(tmp_path, centre, size_mm):
+    from conftest import blob_image
+
+    from sct_deepseg_epi.infer import SliceBackend
+    from sct_deepseg_epi.read import from_image
+
+    spec = load_manifest(make_model_folder(tmp_path / "m"))
+    vol = from_image(blob_image()[0])  # 1 mm in-plane: the model's grid, no resampling
+    data = vol.data.copy()
+    data[:, :, 3] *= 0.1  # a slice at a tenth of the signal
+    backend = SliceBackend(spec, threads=1)
+    whole = backend.predict(data, vol, timings={}).probability
+    win = backend.predict_window(data, vol, 3, centre, size_mm)
+    inside = np.isfinite(win)
+    # the window: centred on the point where the image allows, the whole field at most
+    xs, ys = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    size = [min(n, int(size_mm)) for n in data.shape[:2]]
+    assert [len(xs), len(ys)] == size
+    for lo, c, n, s in zip((xs[0], ys[0]), centre, data.shape[:2], size):
+        assert lo == min(max(0, c - s // 2), n - s)
+    # by hand: each member's sigmoid(8 z + b), z the window's own z-score (1x1 conv: flips change nothing)
+    part = data[xs[0]:xs[-1] + 1, ys[0]:ys[-1] + 1, 3]
+    z = (part - part.mean()) / part.std()
+    want = np.mean([1 / (1 + np.exp(-(8 * z + b))) for b in (-16.0, -15.0, -17.0)], axis=0)
+    np.testing.assert_allclose(win[xs[0]:xs[-1] + 1, ys[0]:ys[-1] + 1], want, atol=1e-5)
+    if centre == (20, 18) and size_mm < 100:
+        assert whole[20, 18, 3] < 0.5 <= win[20, 18]  # the dimmed cord: missed on the whole image, found here

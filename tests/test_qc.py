@@ -1,12 +1,10 @@
-"""QC reports: PNG encoding, the standalone page (content, one page per dataset, rendering in
+"""QC reports: the standalone page (content, one page per dataset, rendering in
 headless Chromium when installed), the -qc flag, and SCT's report where SCT is importable."""
 from __future__ import annotations
 
 import re
 import shutil
-import struct
 import subprocess
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -16,47 +14,6 @@ import pytest
 from conftest import blob_image
 from sct_deepseg_epi import qc
 from sct_deepseg_epi.cli import main
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """A minimal decoder for the 8-bit RGB, unfiltered PNGs that qc writes."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, size = 8, b"", None
-    while pos < len(data):
-        n = struct.unpack(">I", data[pos:pos + 4])[0]
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body) & 0xFFFFFFFF
-        if tag == b"IHDR":
-            size = struct.unpack(">IIBBBBB", body)
-        elif tag == b"IDAT":
-            idat += body
-        pos += 12 + n
-    w, h, depth, colour = size[:4]
-    assert (depth, colour) == (8, 2)
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + 3 * w)
-    assert not rows[:, 0].any()  # filter type 0 on every row
-    return rows[:, 1:].reshape(h, w, 3)
-
-
-def test_png_roundtrip():
-    rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
-    assert np.array_equal(decode_png(qc.png_bytes(rgb)), rgb)
-    with pytest.raises(ValueError):
-        qc.png_bytes(np.zeros((4, 4)))
-
-
-def test_slice_tile_draws_the_outline_in_red():
-    img = np.zeros((20, 20), np.float32)
-    mask = np.zeros((20, 20), np.uint8)
-    mask[8:12, 8:12] = 1
-    img[mask > 0] = 100
-    tile = qc.slice_tile(img, mask, None, (10, 10), (1.0, 1.0))
-    red = (tile[..., 0] == 255) & (tile[..., 1] < 60)
-    ys, xs = np.nonzero(red)
-    # a 4 x 4 voxel square at 4 px per mm: a 16 x 16 px outline, hollow inside
-    assert ys.max() - ys.min() == 15 and xs.max() - xs.min() == 15 and red.sum() == 4 * 15
-    with_dis = qc.slice_tile(img, mask, np.full((20, 20), 0.2, np.float32), (10, 10), (1.0, 1.0))
-    assert with_dis.shape[0] > tile.shape[0] and with_dis.shape[1] == tile.shape[1]
 
 
 @pytest.fixture
@@ -189,3 +146,20 @@ def test_cli_qc_marks_a_slice_without_cord_between_cord_slices(tiny_model, tmp_p
     assert main(["-i", str(p), "-model", "tiny", "-qc", str(tmp_path / "qc"), "-qc-dataset", "d", "-v", "0"]) == 0
     text = (tmp_path / "qc" / "d.html").read_text()
     assert text.count('<figure class="flag">') == 1 and "check: gap" in text
+
+
+def test_cli_qc_marks_the_prompted_slices(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(qc, "sct_available", lambda: False)
+    img, _ = blob_image(shape=(30, 28, 5), zooms=(1.0, 1.0, 4.0), radius=3.0, axcodes="LPI")
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, 2] *= 0.1  # the cord is missed on this slice without a point
+    p = tmp_path / "dim.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), str(p))
+    labels = np.zeros(data.shape, np.uint8)
+    labels[9, 9, 2] = 1  # the disc: RAS (20, 18), stored LPI
+    nib.save(nib.Nifti1Image(labels, img.affine), str(tmp_path / "points.nii.gz"))
+    assert main(["-i", str(p), "-model", "tiny", "-prompt", str(tmp_path / "points.nii.gz"), "-qc",
+                 str(tmp_path / "qc"), "-qc-dataset", "d", "-v", "0"]) == 0
+    text = (tmp_path / "qc" / "d.html").read_text()
+    assert text.count('<figure class="prompt">') == 1 and "point: cord (rerun+outline)" in text
+    assert qc.build_entry(p, tmp_path / "dim_seg.nii.gz")["prompted"] == [2]  # stored slice 2 of 5 in LPI: z=2

@@ -117,8 +117,10 @@ def segment_case(name: str, tmp: Path) -> tuple[dict[str, str], dict[str, tuple[
     from sct_deepseg_epi import api
 
     src, opts, model = CASES[name](tmp)
-    res = api.run(src, tmp / "out_seg.nii.gz", model=model, soft=True, disagreement=True,
-                  options=api.Options(threads=1, **{"method": "3d", **opts}))  # the postprocessing of then
+    options = api.Options(threads=1, **{"method": "3d", **opts})  # the postprocessing of then
+    # soft=True beside a main output that is the soft map already is refused (it was dropped unseen)
+    res = api.run(src, tmp / "out_seg.nii.gz", model=model, soft=options.output != "probability", disagreement=True,
+                  options=options)
     maps = {"disagreement": res.extra["disagreement"], **({"soft": res.extra["soft"]} if "soft" in res.extra else {})}
     if res.provenance["output"] == "probability":  # the main output is a float map, then
         return {}, {"soft_main": float_stats(res.mask), **{k: float_stats(p) for k, p in maps.items()}}
@@ -148,6 +150,24 @@ def test_following_the_cord_along_z_keeps_these_masks(name, tmp_path):
     res = api.run(src, tmp_path / "z_seg.nii.gz", model=model, options=api.Options(threads=1, **opts))
     assert res.provenance["postprocess"]["method"] == "z"
     assert digest(res.mask) == EXPECTED[name]["mask"], f"{name}: z-following changed the mask"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.data] if n.startswith(("sct", "bright")) else [])
+                                  for n in ("demo_phantom", "sct_example_each", "brightlab_mean")])
+def test_no_prompts_and_an_empty_prompt_image_keep_these_masks(name, tmp_path):
+    """Prompts change only the slices they are on: none, or a label image of zeros, change nothing."""
+    from sct_deepseg_epi import api
+
+    src, opts, model = CASES[name](tmp_path)
+    ref = nib.load(str(src))
+    empty = tmp_path / "no_points.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape[:3], np.uint8), ref.affine), str(empty))
+    for prompts in (None, empty):
+        res = api.run(src, tmp_path / "p_seg.nii.gz", model=model,
+                      options=api.Options(threads=1, prompts=prompts, **opts))
+        assert digest(res.mask) == EXPECTED[name]["mask"], f"{name}: prompts={prompts} changed the mask"
+        assert "prompts" not in res.provenance
+        res.mask.unlink()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 from conftest import blob_image
 
 from sct_deepseg_epi.errors import InputError
-from sct_deepseg_epi.outputs import check_output
+from sct_deepseg_epi.outputs import check_output, make_folders
 from sct_deepseg_epi.write import FrameWriter, atomic_path, default_output, like, save_nifti
 
 
@@ -79,6 +79,16 @@ def test_check_output_unwritable_folder(tmp_path):
     blocker.write_text("x")
     with pytest.raises(InputError):
         check_output(blocker / "m.nii.gz")
+
+
+def test_make_folders_that_fail_midway_remove_the_levels_they_made(tmp_path):
+    """A level that cannot be made (a name too long for the file system) is one line, and the
+    levels made before it are gone; an existing folder stays."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(InputError, match="the output folder cannot be created"):
+        make_folders(tmp_path / "kept" / "a" / "b" / ("x" * 300) / "c")
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    assert make_folders(tmp_path / "kept" / "a" / "b") == [tmp_path / "kept" / "a", tmp_path / "kept" / "a" / "b"]
 
 
 def test_outputs_get_ordinary_permissions(tmp_path):

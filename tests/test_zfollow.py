@@ -183,3 +183,88 @@ def test_finish_follows_z_by_default_keeps_labels_and_3d_is_the_old_path():
     np.testing.assert_array_equal(old > 0, postprocess(prob, PostOptions(method="3d"), float(np.prod(ZOOMS))))
     with pytest.raises(ValueError, match="method"):
         PostOptions(method="2d")
+
+
+class Click:
+    """A prompt as zfollow sees it: a RAS voxel and whether it is on the cord."""
+
+    def __init__(self, x, y, z, cord=True):
+        self.ras, self.cord = (x, y, z), cord
+
+
+def test_a_click_where_the_map_is_empty_reruns_the_slice_and_takes_its_outline():
+    prob = cord()
+    prob[:, :, 9] = 0                                    # the network missed slice 9 entirely
+    calls = []
+
+    def rerun(z, centre, size_mm):
+        calls.append((z, centre, size_mm))
+        win = disc(prob.shape[:2], ZOOMS, (31.0, 31.0), 3.5, 1.0)
+        win[:5] = np.nan                                 # outside the window
+        return win
+
+    base = zfollow(prob, ZOOMS)
+    assert not base.mask[:, :, 9].any()
+    out = zfollow(prob, ZOOMS, prompts=[Click(32, 32, 9)], rerun=rerun)
+    assert [c[2] for c in calls] == [24.0, 32.0, 48.0] and {c[:2] for c in calls} == {(9, (32, 32))}
+    assert out.prompts == ["rerun+outline"] and out.kind[9] == "prompt"
+    np.testing.assert_array_equal(out.mask[:, :, 9], out.mask[:, :, 8])  # the same disc as its neighbours
+    others = [k for k in range(20) if k != 9]
+    np.testing.assert_array_equal(out.mask[:, :, others], base.mask[:, :, others])
+
+
+def test_without_a_rerun_nor_evidence_a_click_takes_the_neighbours_shape_at_the_point():
+    prob = cord()
+    prob[:, :, 9] = 0
+    out = zfollow(prob, ZOOMS, prompts=[Click(34, 32, 9)])   # 3 voxels off the neighbours' centre
+    assert out.prompts == ["norerun+shape"]
+    np.testing.assert_array_equal(out.mask[:, :, 9], np.roll(out.mask[:, :, 8], 2, axis=0))
+
+
+def test_a_click_on_a_ghost_free_slice_reroutes_a_chain_that_followed_a_ghost():
+    # the cord is confident on slices 0-5 and 14 only, weak elsewhere; a ghost 20 mm away is confident on
+    # slices 4-19, a longer chain than the cord's. A click on the cord's component at slice 14 forces the
+    # chain through it: the slices above then follow the cord, not the ghost
+    peaks = [1.0] * 6 + [0.3] * 8 + [1.0] + [0.3] * 5
+    prob = cord(peaks=peaks)
+    for k in range(4, 20):
+        prob[:, :, k] = np.maximum(prob[:, :, k], disc(prob.shape[:2], ZOOMS, (31.0, 51.0), 3.5, 1.0))
+    base = zfollow(prob, ZOOMS)
+    assert base.mask[32, 53, 17] and not base.mask[32, 32, 17]  # the ghost's chain won
+    out = zfollow(prob, ZOOMS, prompts=[Click(32, 32, 14)])
+    assert out.prompts == ["norerun+outline"] and out.mask[32, 32, 14]
+    assert out.mask[32, 32, 17] and not out.mask[32, 53, 17]      # re-routed: the other slices follow the cord
+
+
+def test_no_prompts_is_the_plain_call():
+    prob = cord(peaks=[1.0] * 9 + [0.45] + [1.0] * 10)
+    a, b = zfollow(prob, ZOOMS), zfollow(prob, ZOOMS, prompts=())
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert a.kind == b.kind and b.prompts == []
+
+
+def test_clicks_that_only_add_chain_members_leave_the_other_slices_as_they_were():
+    # slices 0-1 missed, slice 2 a small disc: without clicks a speck on the chain, kept by hysteresis at a
+    # lower threshold (larger); clicks on 0 and 1 whose windows show small discs make slice 2 a chain
+    # member at the confident threshold. The chain's route is the same, so slice 2 keeps its mask
+    prob = cord()
+    prob[:, :, :2] = 0
+    prob[:, :, 2] = disc(prob.shape[:2], ZOOMS, (31.0, 31.0), 2.0, 1.0)
+
+    def rerun(z, centre, size_mm):
+        return disc(prob.shape[:2], ZOOMS, (31.0, 31.0), 2.0, 1.0)
+
+    base = zfollow(prob, ZOOMS)
+    assert base.kind[2] == "hysteresis"
+    out = zfollow(prob, ZOOMS, prompts=[Click(32, 32, 0), Click(32, 32, 1)], rerun=rerun)
+    assert out.prompts == ["rerun+outline"] * 2 and out.mask[:, :, :2].any(axis=(0, 1)).all()
+    np.testing.assert_array_equal(out.mask[:, :, 2:], base.mask[:, :, 2:])
+    assert out.kind[2:] == base.kind[2:]
+
+
+def test_two_cord_points_on_one_slice_keep_both_objects():
+    prob = cord()
+    prob[:, :, 9] = 0
+    twin = np.maximum(disc(prob.shape[:2], ZOOMS, (20.0, 31.0), 3.5, 1.0), disc(prob.shape[:2], ZOOMS, (42.0, 31.0), 3.5, 1.0))
+    out = zfollow(prob, ZOOMS, prompts=[Click(21, 32, 9), Click(43, 32, 9)], rerun=lambda z, c, s: twin)
+    assert out.mask[21, 32, 9] and out.mask[43, 32, 9] and out.prompts == ["rerun+outline"] * 2

@@ -21,6 +21,7 @@ log = logging.getLogger("sct_deepseg_epi.batch")
 
 SUMMARY_NAME = "summary.tsv"
 LOCK_NAME = ".sct_deepseg_epi.lock"
+DESCRIPTION_NAME = "dataset_description.json"
 
 
 @dataclass
@@ -63,6 +64,33 @@ def prepare_derivatives(deriv: Path) -> Path:
     return deriv.resolve()
 
 
+def check_derivatives(deriv: Path) -> None:
+    """What a batch may not write in ``deriv``, refused before any work and before anything is written.
+
+    The files of the whole batch (summary, its sidecar, the dataset description) may not be
+    folders, and a ``dataset_description.json`` there must be one this tool wrote: ``-o`` pointing
+    at another dataset (the raw data's parent, another pipeline's derivatives) would replace its own.
+    """
+    for name in (SUMMARY_NAME, Path(SUMMARY_NAME).with_suffix(".json").name, DESCRIPTION_NAME):
+        p = deriv / name
+        if p.exists() and not p.is_file():
+            raise InputError(f"{p}: is {'a folder' if p.is_dir() else 'not a regular file'}; "
+                             f"the batch writes its {name} there")
+    desc = deriv / DESCRIPTION_NAME
+    if desc.is_file() and not _ours(desc):
+        raise InputError(f"{desc}: the description of another dataset; this batch would replace it "
+                         "(pass -o with a folder of its own, e.g. DATASET/derivatives/sct_deepseg_epi)")
+
+
+def _ours(desc: Path) -> bool:
+    """Whether ``desc`` is a dataset description this tool wrote (GeneratedBy names it)."""
+    try:
+        doc = json.loads(desc.read_text(encoding="utf-8"))
+        return any(g.get("Name") == bids.PIPELINE for g in doc["GeneratedBy"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def read_summary(path: Path) -> dict[str, dict[str, str]]:
     if not path.is_file():
         return {}
@@ -98,7 +126,8 @@ def _write_description(deriv: Path, source: Path, model: dict[str, Any], src_des
     from .. import __version__
     from ..write import save_json
 
-    path = deriv / "dataset_description.json"
+    path = deriv / DESCRIPTION_NAME
+    check_derivatives(deriv)  # again under the dataset lock: another program may have written one since
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
@@ -146,18 +175,12 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
     deriv = Path(derivatives).expanduser().resolve() if derivatives else bids.default_derivatives(found.root)
     if deriv == found.root or (found.root in deriv.parents and deriv.relative_to(found.root).parts[0].startswith("sub-")):
         raise InputError(f"{deriv}: the derivatives folder must not be the dataset itself or one of its subjects")
-    deriv = prepare_derivatives(deriv)
+    check_derivatives(deriv)  # nothing is written before these checks, the model and the scheduler answer
     spec = api.load_model(model)  # installs once here (under the lock) before any worker looks
     model_rec = bids.model_record(spec.name, spec.version, [(m.file, m.sha256) for m in spec.members])
     is_folder = isinstance(model, Path) or "/" in str(model) or str(model).startswith(".")
     worker_model = str(spec.directory) if is_folder else f"{spec.name}@{spec.version}"
     key = bids.resume_key(model_rec, {**options.settings(spec), "soft": soft, "disagreement": disagreement})
-
-    from filelock import FileLock
-
-    dataset_lock = FileLock(str(deriv / LOCK_NAME))
-    with dataset_lock:
-        description = _write_description(deriv, found.root, model_rec, found.description, notes)
 
     if use_dask:
         per_job = threads
@@ -169,30 +192,36 @@ def run_batch(bids_dir: str | Path, derivatives: str | Path | None = None, *,
             log.warning(warn)
     template = dict(model=worker_model, options=options, threads=per_job, soft=soft, disagreement=disagreement,
                     overwrite=overwrite, key=key)
-    todo = [Job(r, bids.outputs_for(r, deriv), **template) for r in found.runs]
     done: dict[str, Record] = {}
-    total = len(todo)
+    total = len(found.runs)
 
     def finished(rec: Record) -> None:
         done[rec.run] = rec
         if progress is not None:
             progress(rec, len(done), total)
 
-    try:
-        executor = Dask(scheduler, client, jobs) if use_dask else Serial() if jobs == 1 else Pool(jobs, per_job)
-        with executor:
+    from filelock import FileLock
+
+    executor = Dask(scheduler, client, jobs) if use_dask else Serial() if jobs == 1 else Pool(jobs, per_job)
+    with executor:  # connects to a Dask scheduler: one that does not answer stops the batch here
+        deriv = prepare_derivatives(deriv)
+        todo = [Job(r, bids.outputs_for(r, deriv), **template) for r in found.runs]
+        dataset_lock = FileLock(str(deriv / LOCK_NAME))
+        with dataset_lock:
+            description = _write_description(deriv, found.root, model_rec, found.description, notes)
+        try:
             # pass 1 skips runs that another batch holds; pass 2 waits for them (usually to find them done)
             busy = executor.run_all(todo, finished)
             if busy:
                 log.info("%d run(s) are held by another batch; waiting for them", len(busy))
                 busy = executor.run_all([_replace(j, lock_wait=lock_wait) for j in busy], finished)
-        for j in busy:
-            finished(Record(j.run.rel, "failed", f"still locked by another process after {lock_wait:.0f} s "
-                                                 f"({j.outputs.lock})"))
-    finally:
-        summary = deriv / SUMMARY_NAME
-        if done:  # also after an interruption: what was finished is recorded
-            with dataset_lock:
-                write_summary([done[r.rel] for r in found.runs if r.rel in done], deriv)
+            for j in busy:
+                finished(Record(j.run.rel, "failed", f"still locked by another process after {lock_wait:.0f} s "
+                                                     f"({j.outputs.lock})"))
+        finally:
+            summary = deriv / SUMMARY_NAME
+            if done:  # also after an interruption: what was finished is recorded
+                with dataset_lock:
+                    write_summary([done[r.rel] for r in found.runs if r.rel in done], deriv)
     records = [done[r.rel] for r in found.runs]
     return BatchResult(records, deriv, summary, description, notes)

@@ -183,6 +183,7 @@ def _process(job: Job, rec: Record) -> None:
 
 def _segment_locked(job: Job, rec: Record) -> None:
     from .. import api
+    from ..outputs import check_outputs
     from ..read import check_regular_file
     from ..registry.store import sha256_file as file_sha256
     from ..write import save_json, sidecar_path
@@ -196,6 +197,9 @@ def _segment_locked(job: Job, rec: Record) -> None:
                          "is not fetched? run: datalad get)")
     extras = list(out.extras(job.soft, job.disagreement))
     check_regular_file(job.run.path)  # before hashing: reading a FIFO would wait forever
+    # the checks (and words) of `segment`: a folder where the mask goes is one line, before any work
+    check_outputs({"mask": out.mask, **{name: getattr(out, name) for name in extras},
+                   "sidecar": out.sidecar}, [job.run.path])
     input_sha = None
     if not job.overwrite and out.sidecar.is_file():  # hash the input only when there is a result to compare
         try:
@@ -220,6 +224,8 @@ def _segment_locked(job: Job, rec: Record) -> None:
         input_sha = res.provenance["input"]["sha256"]
         volume, with_cord, n_slices, n_frames = mask_stats(res.mask)
         flagged = len(res.provenance["slice_flags"]["flagged"])
+        # what "up to date" is checked against on a rerun: a damaged or replaced output is redone
+        written = {"mask": file_sha256(res.mask), **{k: file_sha256(v) for k, v in res.extra.items()}}
         # retire the old sidecar first: until the new one exists, nothing vouches for these files
         out.sidecar.unlink(missing_ok=True)
         for name in ("soft", "disagreement"):
@@ -239,7 +245,7 @@ def _segment_locked(job: Job, rec: Record) -> None:
                            + (f" (one mask per volume, {n_frames})" if n_frames > 1 else ""),
             "Sources": [bids.bids_uri(job.run)],
             **prov,
-            "Batch": {"input_sha256": input_sha, **job.key, "cord_volume_mm3": volume,
+            "Batch": {"input_sha256": input_sha, "outputs_sha256": written, **job.key, "cord_volume_mm3": volume,
                       "slices_with_cord": with_cord, "n_slices": n_slices, "flagged_slices": flagged},
         }
         save_json(side, out.sidecar)

@@ -3,7 +3,8 @@
 Without a command name the arguments go to segmentation (SCT's ``-i IN`` style); a
 command name as the first argument picks a sub-tool. Each sub-tool is a module with
 ``get_parser()`` and ``main(argv)``; only the chosen one is imported, so ``-h`` is fast.
-Library errors (EpiSegError) become one line on stderr and exit status 1.
+Library errors (EpiSegError) become one line on stderr (control characters escaped) and exit
+status 1; usage errors exit 2.
 """
 from __future__ import annotations
 
@@ -75,11 +76,12 @@ def call(main_fn: Callable[[list[str]], int | None], argv: list[str]) -> int:
     clean-up as an error: no temporary or partial output is left.
     """
     from ..errors import EpiSegError
+    from ._parser import printable
 
     try:
         return int(main_fn(argv) or 0)
     except EpiSegError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {printable(exc)}\n")
         return 1
     except BaseException as exc:
         interrupt = _interruption(exc)

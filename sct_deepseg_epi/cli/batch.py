@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Sequence
 
-from ._parser import Parser, add_engine_flags, options_from_args, setup_logging, yes_no
+from ._parser import Parser, add_engine_flags, options_from_args, printable, setup_logging, yes_no
 
 log = logging.getLogger("sct_deepseg_epi")
 
@@ -18,8 +18,8 @@ Segment the spinal cord in every BOLD run of a BIDS dataset (sub-*/[ses-*/]func/
   DERIV/sub-*/[ses-*/]func/<entities>_desc-spinalcord_mask.nii.gz  (+ .json sidecar)
   DERIV/summary.tsv                    run, status, error, cord volume, slices with cord, seconds
 
-Reruns skip runs whose outputs match the input checksum, model and settings (-overwrite 1
-redoes them). A failed run is recorded and the others go on; the exit status is 1 if any
+Reruns skip runs whose outputs match the input checksum, model and settings and still have
+the checksums recorded when they were written (-overwrite 1 redoes them). A failed run is recorded and the others go on; the exit status is 1 if any
 run failed. Two batches on the same dataset share the work safely (a lock per run).
 """
 
@@ -59,7 +59,7 @@ def get_parser() -> Parser:
     o.add_argument("-scheduler", metavar="<address|local>", default=None,
                    help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or 'local' "
                         "for a local cluster of -jobs workers. Needs: pip install 'sct_deepseg_epi[dask]'.")
-    add_engine_flags(o, skip=("threads", "output"), change={"threshold": {"type": _threshold}})
+    add_engine_flags(o, skip=("threads", "output", "prompts"), change={"threshold": {"type": _threshold}})
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the probability map (*_desc-spinalcord_probseg.nii.gz).")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  threads=args.threads, soft=args.soft, disagreement=args.disagreement,
                                  overwrite=args.overwrite, scheduler=args.scheduler, progress=progress)
     except ImportError as exc:  # the dask extra is missing
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {printable(exc)}\n")
         return 1
     finally:
         progress.close()
@@ -123,6 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = result.failed
     log.info("%d run(s): %s; table: %s", len(result.records), summary, result.summary)
     if failed:
-        sys.stderr.write(f"error: {len(failed)} of {len(result.records)} run(s) failed; see {result.summary}\n")
+        sys.stderr.write(f"error: {len(failed)} of {len(result.records)} run(s) failed; see {printable(result.summary)}\n")
         return 1
     return 0

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..options import whole_number
 from ._parser import Parser, setup_logging
 
 
@@ -18,7 +19,7 @@ def get_parser() -> Parser:
     p.optional.add_argument("-o", metavar="<folder>", default="sct_deepseg_epi_demo",
                             help="Folder for the phantom, its truth and the mask (default: ./sct_deepseg_epi_demo).")
     p.optional.add_argument("-model", metavar="<name[@version]>", default="seg_sc_epi", help="Model to use.")
-    p.optional.add_argument("-seed", metavar="<int>", type=int, default=0, help="Phantom random seed.")
+    p.optional.add_argument("-seed", metavar="<int>", type=whole_number(0), default=0, help="Phantom random seed.")
     return p
 
 

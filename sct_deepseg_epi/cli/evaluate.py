@@ -75,7 +75,8 @@ def match_pairs(pred: Path, ref: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _load(path: Path):
+def _open(path: Path):
+    """The image as a 3D or 4D NIfTI: a 2D file is one axial slice (nibabel cannot orient 2D data)."""
     import nibabel as nib
     import numpy as np
 
@@ -84,26 +85,61 @@ def _load(path: Path):
 
     img = load_nifti(path)
     try:
+        if img.ndim == 2:
+            img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., None], img.affine, img.header)
+    except READ_ERRORS as exc:
+        raise InputError(f"{path}: the image data cannot be read; the file is truncated or damaged "
+                         f"({one_line(exc)})") from None
+    return img
+
+
+def _load(path: Path, img):
+    import nibabel as nib
+    import numpy as np
+
+    from ..errors import InputError
+    from ..read import READ_ERRORS, one_line
+
+    try:
         img = nib.as_closest_canonical(img)
         data = np.asanyarray(img.dataobj)
     except READ_ERRORS as exc:  # a truncated mask: one line, not nibabel's EOFError
         raise InputError(f"{path}: the image data cannot be read; the file is truncated or damaged "
                          f"({one_line(exc)})") from None
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return data, zooms, img.shape
+    except nib.orientations.OrientationError as exc:
+        raise InputError(f"{path}: its affine gives no orientation ({one_line(exc)})") from None
+    return data, img  # the oriented image: its affine and zooms are in RAS axis order
+
+
+def check_same_grid(pred: Path, ref: Path, pimg, rimg) -> None:
+    """Refuse a pair whose voxels are not the same points in space: metrics compare voxel by voxel.
+
+    ``pimg`` and ``rimg`` are in RAS axis order, so the same grid stored in another axis order passes."""
+    import numpy as np
+
+    from ..errors import InputError
+
+    sp, sr = pimg.shape[:3], rimg.shape[:3]
+    zp = tuple(float(z) for z in pimg.header.get_zooms()[:3])
+    zr = tuple(float(z) for z in rimg.header.get_zooms()[:3])
+    if sp != sr or not np.allclose(zp, zr, atol=1e-3):
+        raise InputError(f"{pred}: grid {sp} @ {zp} differs from the reference {ref}: {sr} @ {zr}")
+    # same shape and voxel size but shifted or rotated (1 um of float slack): scoring would be wrong
+    if not np.allclose(pimg.affine, rimg.affine, atol=1e-3):
+        far = float(np.linalg.norm(pimg.affine[:3, 3] - rimg.affine[:3, 3]))
+        how = f"origins {far:.3g} mm apart" if far > 1e-3 else "axes oriented differently"
+        raise InputError(f"{pred}: grid {sp} @ {zp} lies elsewhere than the reference {ref}'s ({how}); "
+                         "pairs must share a voxel grid (resample one onto the other first)")
 
 
 def evaluate_pair(pred: Path, ref: Path) -> tuple[dict, list[dict]]:
     """Volume row and slice rows for one pair (4D: every frame against a 3D or 4D reference)."""
-    import numpy as np
-
     from .. import metrics
-    from ..errors import InputError
 
-    p, zp, sp = _load(pred)
-    r, zr, sr = _load(ref)
-    if sp[:3] != sr[:3] or not np.allclose(zp, zr, atol=1e-3):
-        raise InputError(f"{pred}: grid {sp[:3]} @ {zp} differs from the reference {ref}: {sr[:3]} @ {zr}")
+    p, pimg = _load(pred, _open(pred))
+    r, rimg = _load(ref, _open(ref))
+    check_same_grid(pred, ref, pimg, rimg)
+    zp = tuple(float(z) for z in pimg.header.get_zooms()[:3])
     p = p > 0.5
     r = r > 0.5
     frames = range(p.shape[3]) if p.ndim == 4 else [None]
@@ -116,6 +152,11 @@ def evaluate_pair(pred: Path, ref: Path) -> tuple[dict, list[dict]]:
         vol_rows.append(row)
         slice_rows += [{"pred": name, "ref": str(ref), **s} for s in metrics.slice_metrics(pt, rt, zp)]
     return vol_rows, slice_rows
+
+
+def _undefined_as_null(rows: list[dict]) -> list[dict]:
+    """Undefined metrics (nan: a distance to an empty mask) as JSON null: NaN is not JSON."""
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
 
 
 def _fmt(v) -> str:
@@ -160,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with atomic_path(o) as tmp:
                 if o.suffix == ".json":
-                    tmp.write_text(json.dumps({"volumes": volumes, "slices": slices}, indent=1, default=str) + "\n")
+                    doc = {"volumes": _undefined_as_null(volumes), "slices": _undefined_as_null(slices)}
+                    tmp.write_text(json.dumps(doc, indent=1, default=str, allow_nan=False) + "\n")
                 else:
                     keys = ["pred", "ref", "slice"] + sorted({k for r in volumes + slices for k in r}
                                                             - {"pred", "ref", "slice"})

@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from ._parser import Parser, setup_logging, yes_no
+from ..options import fraction
+from ._parser import Parser, printable, setup_logging, yes_no
 
 
 def get_parser() -> Parser:
@@ -16,7 +17,8 @@ def get_parser() -> Parser:
                "Needs the 'nnunet' extra (torch + nnunetv2) for the conversion only; the result runs\n"
                "with onnxruntime and numpy:  sct_deepseg_epi -i bold.nii.gz -model MODEL_DIR\n\n"
                "Example:\n"
-               "  sct_deepseg_epi import-nnunet https://.../model_seg_sc_epi_nnunet.zip -o ~/models/epi_nnunet")
+               "  sct_deepseg_epi import-nnunet https://.../model_seg_sc_epi_nnunet.zip -o ~/models/epi_nnunet",
+               version_flags=False)  # -version: the imported model's version
     p.mandatory.add_argument("source", metavar="PATH_OR_URL",
                              help="nnU-Net model folder, .zip/.tar.gz archive, or http(s):// URL of an archive.")
     p.mandatory.add_argument("-o", metavar="<folder>", required=True, help="Model folder to write.")
@@ -29,7 +31,7 @@ def get_parser() -> Parser:
     p.optional.add_argument("-name", metavar="<name>", default=None,
                             help="Model name for the manifest (default: derived from the dataset name).")
     p.optional.add_argument("-version", metavar="<X.Y.Z>", default="1.0.0", help="Model version (default: 1.0.0).")
-    p.optional.add_argument("-step", metavar="<float>", type=float, default=0.5,
+    p.optional.add_argument("-step", metavar="<float>", type=fraction, default=0.5,
                             help="Sliding-window step as a fraction of the patch (nnU-Net's default: 0.5).")
     p.optional.add_argument("-convention", choices=("sct", "nnunet"), default="sct",
                             help="Which axes the model sees. sct (default): as SCT's sct_deepseg runs nnU-Net models, "
@@ -61,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             name=args.name, version=args.version, step_size=args.step, overwrite=args.overwrite,
                             convention=args.convention)
     except ImportError as exc:  # the 'nnunet' extra is missing: the message says what to install
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {printable(exc)}\n")
         return 1
     spec = load_manifest(out)
     recipe = spec.nnunet

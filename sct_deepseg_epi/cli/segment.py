@@ -5,15 +5,16 @@ import logging
 import sys
 from typing import Sequence
 
+from ..options import report_name
 from ._parser import Parser, add_engine_flags, options_from_args, setup_logging, yes_no
 
 log = logging.getLogger("sct_deepseg_epi")
 
 DESCRIPTION = """\
 Spinal cord segmentation for gradient-echo EPI (BOLD fMRI), with an ONNX ensemble.
-Writes IN_seg.nii.gz next to the input (uint8 mask on the input's own grid) and a JSON
-sidecar saying what produced it. 4D series: the temporal mean by default (-4d mean),
-or every volume (-4d each, 4D mask).
+Writes IN_seg.nii.gz next to the input (IN_seg.nii for a .nii input; a uint8 mask on the
+input's own grid) and a JSON sidecar saying what produced it. 4D series: the temporal mean
+by default (-4d mean), or every volume (-4d each, 4D mask).
 """
 
 
@@ -24,21 +25,27 @@ def get_parser(prog: str = "sct_deepseg_epi", description: str = DESCRIPTION, ep
     p = Parser(prog, description, epilog=commands_epilog() if epilog is None else epilog)
     p.mandatory.add_argument("-i", metavar="<file>", help="Input EPI image, 3D or 4D (.nii or .nii.gz).")
     o = p.optional
-    o.add_argument("-o", metavar="<file>", help="Output mask. Default: IN_seg.nii.gz next to the input.")
+    o.add_argument("-o", metavar="<file>",
+                   help="Output mask. Default: IN_seg.nii.gz next to the input (IN_seg.nii for a .nii input).")
     add_engine_flags(o, change={"threshold": {"help": "Binarisation threshold on the ensemble probability "
                                                       "(default: the model's). 0 writes the soft probability map "
                                                       "instead of a mask (as in SCT): an alias of -output "
                                                       "probability."}})
     o.add_argument("-soft", metavar="<0|1>", type=yes_no, default=False,
-                   help="Also write the soft probability map as IN_seg_soft.nii.gz.")
+                   help="Also write the soft probability map as IN_seg_soft.nii.gz, beside the mask (not with "
+                        "-thr 0 / -output probability, whose main output is that map already).")
     o.add_argument("-disagreement", metavar="<0|1>", type=yes_no, default=False,
                    help="Also write the ensemble disagreement (std of members) as IN_seg_disagreement.nii.gz.")
     o.add_argument("-qc", metavar="<folder>",
                    help="Write a QC report into this folder: inside SCT, an entry of SCT's QC report; else an HTML "
                         "page per dataset, which shows the ensemble disagreement (IN_seg_disagreement.nii.gz is then "
                         "written too).")
-    o.add_argument("-qc-dataset", metavar="<str>", help="Dataset name shown in the QC report.")
-    o.add_argument("-qc-subject", metavar="<str>", help="Subject name shown in the QC report.")
+    o.add_argument("-qc-dataset", metavar="<str>", type=report_name("-qc-dataset"),
+                   help="Dataset name shown in the QC report (a name, not a path; default: the input's "
+                        "dataset folder). The standalone report is the page DATASET.html.")
+    o.add_argument("-qc-subject", metavar="<str>", type=report_name("-qc-subject"),
+                   help="Subject name shown in the QC report (a name, not a path; default: the input's "
+                        "subject folder).")
     m = p.misc
     m.add_argument("-install", action="store_true", help="Install the model given by -model (download) and exit.")
     m.add_argument("-custom-url", metavar="<url>",
@@ -94,21 +101,31 @@ def main(argv: Sequence[str] | None = None, parser: Parser | None = None) -> int
         return _list_models()
     from .. import api
 
-    options = options_from_args(args) if args.i is not None else None
+    options = options_from_args(args, parser) if args.i is not None else None
+    if options is not None and args.soft and options.output == "probability":
+        parser.error("-soft 1 writes the soft map beside the mask, but -thr 0 / -output probability makes "
+                     "the soft map the main output already; drop -soft 1 or choose a threshold")
     disagreement = args.disagreement
     backend = None
     if args.i is not None:
         from ..outputs import check_folder, check_outputs
 
+        qc_targets = {}
         if args.qc:
             from .. import qc
 
             backend = "sct" if qc.sct_available() else "html"
             disagreement = disagreement or backend == "html"
             check_folder(args.qc, [args.i], role="QC folder")
-        # every file the run will write, checked before a model is installed or an image read
-        check_outputs(api.run_targets(args.i, args.o, soft=args.soft, disagreement=disagreement, options=options),
-                      [args.i])
+            if backend == "html":
+                qc_targets = qc.report_targets(args.i, args.qc, dataset=args.qc_dataset, subject=args.qc_subject)
+        # every file the run will write, QC page and entry included, checked before a model is
+        # installed or an image read
+        inputs = [args.i] + ([args.prompts] if args.prompts else [])
+        targets = api.run_targets(args.i, args.o, soft=args.soft, disagreement=disagreement, options=options)
+        check_outputs(targets, inputs)
+        if qc_targets:  # in a folder the report makes if needed
+            check_outputs({**targets, **qc_targets}, inputs, new_folders=True)
     model = args.model
     if args.custom_url:
         from ..registry import download

@@ -16,12 +16,14 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..options import positive_number, whole_number
 from ._parser import Parser, setup_logging
 
 
 def get_parser() -> Parser:
     p = Parser("sct_deepseg_epi train", "Train (or fine-tune) an ensemble on labelled data and export it as a "
-               "checksummed model folder (ONNX members + manifest.json + model card).")
+               "checksummed model folder (ONNX members + manifest.json + model card).",
+               version_flags=False)  # -version: the trained model's version
     p.mandatory.add_argument("-data", metavar="<path>", required=True,
                              help="Labelled data: a BIDS folder or any tree of NIfTIs with *_seg*/*_mask* labels, "
                                   "a MANIFEST.tsv (path, role, sha256 columns; role train-source is used), or a "
@@ -33,12 +35,12 @@ def get_parser() -> Parser:
     o.add_argument("-init-model", metavar="<name|path>", default=None,
                    help="Fine-tune from an installed model (name or name@version) or a model folder "
                         "instead of starting from scratch; its architecture and input settings are kept.")
-    o.add_argument("-members", type=int, default=3, help="Ensemble members (k-fold over subjects). Default: 3.")
-    o.add_argument("-epochs", type=int, default=None, help="Epochs per member. Default: 8 (4 when fine-tuning).")
-    o.add_argument("-n-sim", type=int, default=None, help="Simulated stacks in the training set. Default: 5000.")
-    o.add_argument("-n-val", type=int, default=None,
+    o.add_argument("-members", type=whole_number(1), default=3, help="Ensemble members (k-fold over subjects). Default: 3.")
+    o.add_argument("-epochs", type=whole_number(1), default=None, help="Epochs per member. Default: 8 (4 when fine-tuning).")
+    o.add_argument("-n-sim", type=whole_number(0), default=None, help="Simulated stacks in the training set. Default: 5000.")
+    o.add_argument("-n-val", type=whole_number(0), default=None,
                    help="Simulated stacks per member for the held-out simulated score. Default: 240.")
-    o.add_argument("-patch", type=int, default=None, help="Training patch size (pixels on the model grid). Default: 96.")
+    o.add_argument("-patch", type=whole_number(1), default=None, help="Training patch size (pixels on the model grid). Default: 96.")
     o.add_argument("-widths", default=None, help="U-Net widths per level, comma-separated. Default: 8,16,24,32.")
     o.add_argument("-top-convs", type=int, choices=(1, 2), default=None,
                    help="3x3 convolutions per block at full resolution. Default: 1.")
@@ -47,15 +49,15 @@ def get_parser() -> Parser:
     o.add_argument("-precision", choices=("fp32", "bf16"), default="fp32",
                    help="Forward pass precision (bf16: autocast, much faster on CPUs with AMX/AVX-512 BF16 "
                         "and on GPUs; weights and export stay fp32). Default: fp32.")
-    o.add_argument("-spacing", type=float, default=None, help="In-plane model spacing in mm. Default: 1.0.")
-    o.add_argument("-context", type=int, default=None, help="Neighbouring slices per side as channels. Default: 0 (2D).")
-    o.add_argument("-lr", type=float, default=None, help="Peak learning rate. Default: 3e-3 (5e-4 when fine-tuning).")
-    o.add_argument("-seed", type=int, default=0, help="Random seed (simulation, weights, batch order). Default: 0.")
+    o.add_argument("-spacing", type=positive_number, default=None, help="In-plane model spacing in mm. Default: 1.0.")
+    o.add_argument("-context", type=whole_number(0), default=None, help="Neighbouring slices per side as channels. Default: 0 (2D).")
+    o.add_argument("-lr", type=positive_number, default=None, help="Peak learning rate. Default: 3e-3 (5e-4 when fine-tuning).")
+    o.add_argument("-seed", type=whole_number(0), default=0, help="Random seed (simulation, weights, batch order). Default: 0.")
     o.add_argument("-val-image", metavar="<file>", default=None, help="A real labelled EPI image (3D or 4D) to report.")
     o.add_argument("-val-mask", metavar="<file>", default=None, help="Its cord mask.")
     o.add_argument("-device", default="cpu", help="torch device: cpu, cuda. Default: cpu.")
-    o.add_argument("-workers", type=int, default=2, help="Processes simulating the training set. Default: 2.")
-    o.add_argument("-threads", type=int, default=2, help="torch CPU threads. Default: 2.")
+    o.add_argument("-workers", type=whole_number(1), default=2, help="Processes simulating the training set. Default: 2.")
+    o.add_argument("-threads", type=whole_number(1), default=2, help="torch CPU threads. Default: 2.")
     o.add_argument("-checkpoint", metavar="<file>", default=None,
                    help="Also save the trained torch weights and histories to this file (.pt).")
     o.add_argument("-from-checkpoint", metavar="<file>", default=None,

@@ -69,7 +69,7 @@ def load_checkpoint(path: Path) -> dict:
     A checkpoint that needs anything else (arbitrary classes) is refused rather than
     unpickled with code execution.
     """
-    torch = require("torch")
+    torch = require("torch", "nnunet")
     allowed: list = [np.dtype, np.float64, np.float32, np.int64]
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64)]
     # numpy 2 moved numpy.core to numpy._core (numpy 1.26 has an empty numpy._core package), and
@@ -228,7 +228,7 @@ def _probe(n_in: int, patch: list[int]) -> np.ndarray:
 
 def _export(net, n_in: int, patch: list[int], path: Path, opset: int) -> np.ndarray:
     """Export one fold; returns the torch logits on a seeded random patch for the parity check."""
-    torch = require("torch")
+    torch = require("torch", "nnunet")
     import warnings
 
     net.eval()
@@ -256,14 +256,22 @@ def _parity(path: Path, n_in: int, patch: list[int], ref: np.ndarray) -> float:
     return float(np.abs(out - ref).max())
 
 
+def _local_source(source: str | Path) -> Path | None:
+    """The local path of a folder, archive or file:// URL; None for an http(s) URL."""
+    s = str(source)
+    if "://" in s and not s.startswith("file://"):
+        return None
+    return Path(s[len("file://"):] if s.startswith("file://") else s)
+
+
 def _resolve_source(source: str | Path, tmp: Path) -> Path:
     """A local folder to search: the source folder itself, or an extracted archive / download."""
     s = str(source)
-    if "://" in s and not s.startswith("file://"):
+    p = _local_source(source)
+    if p is None:
         name = Path(s.split("?")[0]).name or "model.zip"
         archive = download.fetch([s], tmp / name)
     else:
-        p = Path(s[len("file://"):] if s.startswith("file://") else s)
         if p.is_dir():
             return p
         if not p.exists():
@@ -307,7 +315,10 @@ def import_nnunet(source: str | Path, output: str | Path, *, configuration: str 
     check_folder(out, role="output model folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ModelError(f"{out}: exists and is not empty (use -overwrite 1 to replace it)")
-    require("torch")
+    local = _local_source(source)
+    if local is not None and not local.exists():  # named before any missing package
+        raise ModelError(f"{local}: no such file or folder")
+    require("torch", "nnunet")
     require("nnunetv2")
     with tempfile.TemporaryDirectory(prefix=".nnunet-import-") as t:
         tmp = Path(t)

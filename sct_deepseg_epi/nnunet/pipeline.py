@@ -313,6 +313,10 @@ class NnunetBackend:
                       if self.keep else None)
         self.provider = (self._kept[0].get_providers()[0] if self._kept else self.providers[0])
 
+    def provenance(self) -> dict:
+        """The sidecar records the orientation convention: sct and nnunet give different masks."""
+        return {"convention": self.recipe.convention}
+
     def sessions(self):
         """The members' sessions, in order; large models are loaded one at a time and released."""
         if self._kept is not None:
@@ -331,4 +335,8 @@ class NnunetBackend:
                              back(res.disagreement).astype(np.float32), back(res.labels).astype(np.uint8))
 
     def region_around(self, mask_ras: np.ndarray, vol) -> None:
+        return None
+
+    def predict_window(self, data_ras: np.ndarray, vol, z: int, centre: tuple[int, int], size_mm: float) -> None:
+        """nnU-Net's recipe runs on the whole field (3D patches, its own normalisation): no window re-run."""
         return None

@@ -8,6 +8,7 @@ model. A models folder that cannot take the model is a one-line :class:`CacheErr
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -27,7 +28,7 @@ from urllib.parse import urlparse
 from ..errors import DownloadError, IntegrityError, ModelError
 from ..outputs import prove_writable, umask_mode
 from ..read import one_line
-from .fetch import SHA_RE, Limits, check_url, fetch
+from .fetch import SHA_RE, check_url, fetch
 from .manifest import MANIFEST_NAME, ModelSpec, load_manifest
 from .store import cache_root, packaged_copy, verify
 
@@ -216,7 +217,7 @@ def install_archive(archive: Path, root: Path | None = None, expect: tuple[str, 
                     label: str | None = None) -> ModelSpec:
     root = writable_root(root)
     label = label or str(archive)
-    with _temporary(root, ".extract-") as tmp:
+    with _temporary(root, ".extract-") as tmp, _named_by(label, tmp):
         extract(Path(archive), tmp, label)
         folder = _model_folder(tmp, label)
         spec = load_manifest(folder)
@@ -225,30 +226,64 @@ def install_archive(archive: Path, root: Path | None = None, expect: tuple[str, 
 
 
 @contextmanager
+def _named_by(label: str, tmp: Path) -> Iterator[None]:
+    """Errors about files of an archive name the archive (its URL), not the scratch folder it was
+    extracted to, which is gone by the time the message is read: ``URL: tiny/manifest.json: ...``."""
+    try:
+        yield
+    except ModelError as exc:
+        text = str(exc)
+        scratch = f"{tmp}{os.sep}"
+        if scratch not in text:
+            raise
+        raise type(exc)(text.replace(scratch, f"{label}: ")) from None
+
+
+@contextmanager
 def _temporary(root: Path, prefix: str) -> Iterator[Path]:
     """A scratch folder in the models folder (same file system: the install is a rename), always removed.
 
-    Scratch folders of processes that were killed are swept once nothing can still be using them.
+    Its owner holds a lock on the folder itself while it lives, so the scratch folders of
+    processes that were killed (``kill -9``) are swept by the next install at once.
     """
     _sweep(root)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    for _ in range(5):
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+        fd = os.open(tmp, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                break
+        except FileNotFoundError:
+            pass  # swept between mkdtemp and the lock: make another
+        os.close(fd)
+    else:
+        raise CacheError(f"{root}: its scratch folders keep being removed by another process")
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
 
 
 def _sweep(root: Path) -> None:
-    # a live download ends within its deadline (plus a stall), so older scratch folders are orphans
-    limits = Limits.from_env()
-    too_old = time.time() - 2 * (limits.deadline + limits.stall) - LOCK_TIMEOUT
+    """Remove scratch folders that no live process holds locked: their owner was killed.
+
+    The lock is taken (without waiting) before removing, so a live install keeps its folder.
+    """
     for pattern in (".download-*", ".extract-*"):
         for d in root.glob(pattern):
             try:
-                if d.is_dir() and d.stat().st_mtime < too_old:
-                    shutil.rmtree(d, ignore_errors=True)
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
-                pass
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                pass  # its owner is alive
+            finally:
+                os.close(fd)
 
 
 def _url_key(url: str) -> str:
@@ -321,11 +356,11 @@ def install_spec(spec: ModelSpec, root: Path | None = None) -> ModelSpec:
         existing = _installed_copy(root, spec.name, spec.version, shas)
         if existing is not None:
             return existing
-        with _temporary(root, ".download-") as tmp:
+        label = spec.mirrors[0] if len(spec.mirrors) == 1 else f"the archive of {spec.ref}"
+        with _temporary(root, ".download-") as tmp, _named_by(label, tmp / "tree"):
             archive = fetch(spec.mirrors, tmp / (spec.archive or f"{spec.name}-{spec.version}.zip"),
                             spec.archive_sha256)
             tree = tmp / "tree"
-            label = spec.mirrors[0] if len(spec.mirrors) == 1 else f"the archive of {spec.ref}"
             extract(archive, tree, label)
             folder = _model_folder(tree, label)
             got = load_manifest(folder)

@@ -131,6 +131,8 @@ def upgrade_v1(d: dict, where: str) -> dict:
     model; those are dropped. Published 0.1.0 manifests stay schema 1 (their checksums are public).
     """
     d = dict(d)
+    if "backend" in d:  # would be replaced below without a word
+        raise ModelError(f"{where}: unknown field 'backend' in a schema 1 manifest (a schema {SCHEMA_VERSION} section)")
     out = take(d, "output", where, dict, {})
     pp = dict(take(d, "postprocess", where, dict, {}))
     if "threshold" in out:

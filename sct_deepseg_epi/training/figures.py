@@ -8,7 +8,7 @@ import numpy as np
 
 def write_png(path: Path | str, img: np.ndarray) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array as an 8-bit PNG."""
-    from ..qc import png_bytes
+    from ..qc_tiles import png_bytes
 
     a = np.asarray(img, dtype=np.uint8)
     Path(path).write_bytes(png_bytes(a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2)))

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -121,7 +122,7 @@ def test_two_batches_at_once_share_the_work(tiny_model, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    outs = [p.communicate(timeout=CEILING_S) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     deriv = ds / "derivatives" / "sct_deepseg_epi"
     table = rows(deriv)
@@ -159,7 +160,7 @@ def test_sct_run_batch_script_parallel_jobs(tiny_model, tmp_path):
     subjects = ["sub-01", "sub-02", "sub-03/ses-01", "sub-03/ses-02", "sub-04"]
     procs = [subprocess.Popen(["/bin/bash", str(script), s], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for s in subjects]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    outs = [p.communicate(timeout=CEILING_S)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 5, outs
     assert "sub-04: no func/*_bold.nii[.gz]; nothing to segment" in outs[4]
     assert "-session-label ses-01" in outs[2]
@@ -180,6 +181,19 @@ def test_batch_cli_progress_bar_on_a_terminal(tiny_model, tmp_path, capsys, monk
     assert "[1/3]" not in err                                        # no per-run log lines
 
 
+# the longest any wait on a subprocess may take: only a hang reaches it, never a slow or loaded machine
+CEILING_S = 600.0
+
+
+def _abort_group(pid: int) -> None:
+    import signal
+
+    try:
+        os.killpg(pid, signal.SIGABRT)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.mark.skipif(os.name != "posix", reason="needs process groups")
 def test_ctrl_c_records_what_finished_and_a_rerun_resumes(tiny_model, tmp_path):
     import signal
@@ -197,21 +211,28 @@ def test_ctrl_c_records_what_finished_and_a_rerun_resumes(tiny_model, tmp_path):
     lock = FileLock(str(deriv / "sub-09/func/.sub-09_task-rest_desc-spinalcord.lock"))
     lock.acquire()
     cmd = [sys.executable, "-m", "sct_deepseg_epi", "batch", str(ds), "-model", "tiny", "-jobs", "2"]
-    p = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    # a hang dumps every thread of the batch (faulthandler on SIGABRT) instead of timing out mutely
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    watchdog = threading.Timer(CEILING_S, _abort_group, (p.pid,))  # only a hang reaches it, not a slow machine
+    watchdog.start()
     try:
-        finished = 0
-        while finished < 2:  # both free runs are done; a worker is waiting for the held one
+        seen: list[str] = []
+        # the event: both free runs are recorded and the batch has gone on to wait for the held one
+        while not any("held by another batch" in line for line in seen):
             line = p.stderr.readline()
-            assert line, "the batch ended early"
-            finished += " done in " in line
+            assert line, "the batch ended early:\n" + "".join(seen)
+            seen.append(line)
+        assert sum(" done in " in line for line in seen) == 2, seen
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
-        rest = p.communicate(timeout=30)[1]
+        rest = p.communicate()[1]
     finally:
+        watchdog.cancel()
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
         lock.release()
-    assert p.returncode == 130 and "interrupted" in rest
+    assert p.returncode == 130 and "interrupted" in rest, (p.returncode, rest[-6000:])
     assert [r["status"] for r in rows(deriv).values()] == ["done", "done"]    # the held run is not recorded
     assert not list(deriv.glob("sub-09/func/*.nii.gz"))                       # nothing under a final name
     assert main(["batch", str(ds), "-model", "tiny", "-v", "0"]) == 0

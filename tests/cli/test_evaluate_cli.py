@@ -13,6 +13,8 @@ from sct_deepseg_epi.cli import main
 
 def save(path, arr, zooms=(0.5, 0.5, 3.0), ornt="LAS"):
     aff = np.diag([-zooms[0] if ornt == "LAS" else zooms[0], zooms[1], zooms[2], 1.0])
+    if ornt == "LAS":  # x runs right to left from the same rightmost voxel: the RAS grid, stored flipped
+        aff[0, 3] = (arr.shape[0] - 1) * zooms[0]
     nib.save(nib.Nifti1Image(arr.astype(np.uint8), aff), path)
     return path
 

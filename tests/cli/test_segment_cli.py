@@ -119,14 +119,14 @@ def test_bad_flag_values(capsys, blob_file):
 
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "sct_deepseg_epi", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=120)
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=600)
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
     code = ("import sys, sct_deepseg_epi.cli as c\n"
             "try:\n    c.main(['-h'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'dask', 'matplotlib') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("[]"), out.stdout + out.stderr
     assert "-4d" in out.stdout and "commands" in out.stdout
 
@@ -191,3 +191,35 @@ def test_batch_refuses_output_probability_at_parse_time(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["batch", "/nonexistent", "-output", "probability"])
     assert exc.value.code == 2
+
+
+def test_prompt_file_reaches_the_sidecar(tiny_model, blob_file):
+    path, _ = blob_file
+    img = nib.load(str(path))
+    labels = path.parent / "points.nii.gz"
+    data = np.zeros(img.shape, np.uint8)
+    data[20, 17, 2] = 1
+    nib.save(nib.Nifti1Image(data, img.affine), str(labels))
+    assert main(["-i", str(path), "-model", "tiny", "-prompt", str(labels), "-v", "0"]) == 0
+    side = json.loads((path.parent / "blob_seg.json").read_text())
+    assert [(p["slice"], p["voxel"], p["value"]) for p in side["prompts"]] == [(2, [20, 17, 2], 1)]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("grid", "not on the input's grid"), ("values", "not 7"), ("4d", "must be 3D"), ("missing", "no such file"),
+    ("output", "is the input"),
+])
+def test_bad_prompt_files_are_one_line_errors_and_leave_nothing(tiny_model, blob_file, capsys, kind, message):
+    path, _ = blob_file
+    img = nib.load(str(path))
+    labels = path.parent / "points.nii.gz"
+    shape = {"grid": (12, 12, 6), "4d": img.shape + (2,)}.get(kind, img.shape)
+    data = np.zeros(shape, np.uint8)
+    data[1, 1, 1] = 7 if kind == "values" else 1
+    if kind != "missing":
+        nib.save(nib.Nifti1Image(data, img.affine), str(labels))
+    out = labels if kind == "output" else path.parent / "x_seg.nii.gz"
+    before = sorted(p.name for p in path.parent.iterdir())
+    assert main(["-i", str(path), "-o", str(out), "-model", "tiny", "-prompt", str(labels)]) == 1
+    assert message in one_line_error(capsys)
+    assert sorted(p.name for p in path.parent.iterdir()) == before

@@ -78,7 +78,7 @@ def fsize_limited(limit_bytes: int):
     return setup
 
 
-def run_cli(args: list[str], env: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """``python -m sct_deepseg_epi ARGS`` in a real subprocess."""
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "sct_deepseg_epi", *args], capture_output=True, text=True,

@@ -20,7 +20,7 @@ def test_fifo_input_of_a_finished_run_does_not_hang(tiny_model, tmp_path):
     deriv.mkdir(parents=True)
     (deriv / "sub-01_task-rest_desc-spinalcord_mask.json").write_text("{}")  # a finished run: its input is compared
     proc = subprocess.run([sys.executable, "-m", "sct_deepseg_epi", "batch", str(ds), "-model", "tiny"], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=60)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr  # one run failed
     assert "sub-01/func/sub-01_task-rest_bold.nii.gz: is a named pipe (FIFO), not a regular file" in proc.stderr
     assert "1 done" in proc.stderr and "Traceback" not in proc.stderr

@@ -89,14 +89,20 @@ def test_limits_from_environment(monkeypatch):
 
 
 def test_orphaned_scratch_folders_are_swept(server, model_root, body):
-    """A killed process leaves its .download-* folder; the next install removes it once it cannot be live."""
+    """A killed process leaves its .download-* folder; the next install removes it once no live owner
+    holds its lock, however recent it is."""
+    import fcntl
+
     server.files["/m.zip"] = body
     old = model_root / ".download-killed"
     (old / "x").mkdir(parents=True)
     fresh = model_root / ".download-live"  # another process's download in progress: kept
     fresh.mkdir()
-    long_ago = time.time() - 10 * 3600
-    os.utime(old, (long_ago, long_ago))
-    proc = run_cli(["-custom-url", server.url + "/m.zip", "-v", "0"], _env(model_root), timeout=30)
+    fd = os.open(fresh, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a live install holds on its scratch folder
+    try:
+        proc = run_cli(["-custom-url", server.url + "/m.zip", "-v", "0"], _env(model_root), timeout=30)
+    finally:
+        os.close(fd)
     assert proc.returncode == 0, proc.stderr
     assert not old.exists() and fresh.is_dir()

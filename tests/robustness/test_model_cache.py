@@ -159,7 +159,7 @@ def test_concurrent_custom_url_downloads_once(server, small_archive, model_root)
     env = {**os.environ, "SCT_DEEPSEG_EPI_MODELS": str(model_root)}
     procs = [subprocess.Popen([sys.executable, "-m", "sct_deepseg_epi", "-custom-url", server.url + "/m.zip", "-v", "0"],
                               cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, errs
     assert server.hits["/m.zip"] == 1
     store.verify(store.resolve("tiny@2.0.0"))

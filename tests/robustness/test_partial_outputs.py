@@ -43,13 +43,27 @@ def test_qc_into_a_read_only_folder(tiny_model, src, readonly_dir, capsys):
     assert _files(src.parent) == []  # no mask, sidecar or disagreement map
 
 
-def test_qc_failing_after_the_run_removes_its_files(tiny_model, src, capsys):
+def test_qc_page_named_like_a_folder_is_refused_before_any_work(tiny_model, src, capsys):
     qc = src.parent / "qc"
-    (qc / "ds.html").mkdir(parents=True)  # the page cannot replace a folder: the report fails at its end
+    (qc / "ds.html").mkdir(parents=True)  # the page cannot replace a folder: checked like the mask
     assert main(["-i", str(src), "-model", "tiny", "-qc", str(qc), "-qc-dataset", "ds"]) == 1
+    assert "ds.html: is a folder" in one_line_error(capsys)
+    assert _files(src.parent) == ["qc"] and sorted(p.name for p in qc.iterdir()) == ["ds.html"]
+
+
+def test_qc_failing_after_the_run_removes_its_files(tiny_model, src, capsys, monkeypatch):
+    import errno
+
+    from sct_deepseg_epi import qc as qc_module
+
+    def full_disk(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qc_module, "render_page", full_disk)  # the report fails at its very end
+    assert main(["-i", str(src), "-model", "tiny", "-qc", str(src.parent / "qc"), "-qc-dataset", "ds"]) == 1
     line = one_line_error(capsys)
     assert "cannot write the QC report" in line and "no output was kept" in line
-    assert _files(src.parent) == ["qc"]
+    assert _files(src.parent) == []  # nor the QC folder the run made
 
 
 def test_qc_that_works_keeps_everything(tiny_model, src):
