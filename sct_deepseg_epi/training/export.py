@@ -143,6 +143,10 @@ def model_card(*, name: str, version: str, spec: ModelSpec, training: dict, metr
           + ", ".join(f"{d:.2e}" for d in parity_diffs) + ".", ""]
     net = training.get("config", {}).get("net", {})
     rows = [m for m in training.get("members", []) if "row" in m]
+    nets = [m["net"] for m in training.get("members", []) if "net" in m]
+    if not rows and len({json.dumps(n, sort_keys=True) for n in nets}) > 1:  # fine-tuned from such an ensemble
+        rows = [{"row": f"member {i}", "config": {**training.get("config", {}), "net": n}, "parameters": "-"}
+                for i, n in enumerate(nets)]
     if rows:  # members of different architectures (assembled from study rows)
         L += ["## Architecture", "", "2D U-Nets, BatchNorm folded into the convolutions, ReLU, max-pooling,"
               " transposed-convolution upsampling; one member each:", "",

@@ -145,15 +145,16 @@ class MemberResult:
 
 
 def train_member(k: int, x: np.ndarray, y: np.ndarray, xv: np.ndarray | None, yv: np.ndarray | None,
-                 cfg: TrainConfig, init_state: dict | None = None,
+                 cfg: TrainConfig, init: tuple[NetConfig, dict] | None = None,
                  real_val: Callable[[object], float] | None = None) -> tuple[object, list[dict]]:
     """Train one member on (x, y) float16/uint8 arrays; returns the model and per-epoch history."""
     torch.manual_seed(cfg.seed * 1000 + k)
     rng = np.random.default_rng([cfg.seed, 7, k])
     dev = torch.device(cfg.device)
-    model = UNet(NetConfig(**{**cfg.net.as_dict(), "widths": tuple(cfg.net.widths)}))
-    if init_state is not None:
-        model.load_state_dict(init_state)
+    # a fine-tuned member keeps its own network (an ensemble's members may differ in width)
+    model = UNet(init[0] if init is not None else NetConfig(**{**cfg.net.as_dict(), "widths": tuple(cfg.net.widths)}))
+    if init is not None:
+        model.load_state_dict(init[1])
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(x) // cfg.batch_size)
@@ -199,7 +200,7 @@ def train_member(k: int, x: np.ndarray, y: np.ndarray, xv: np.ndarray | None, yv
 
 
 def train_ensemble(sources: list[Source], cfg: TrainConfig, real_val: Callable[[object], float] | None = None,
-                   init_states: list[dict] | None = None) -> list[MemberResult]:
+                   init_states: list[tuple[NetConfig, dict]] | None = None) -> list[MemberResult]:
     """Simulate the training set once, then train ``cfg.members`` members (k-fold over subjects)."""
     torch.set_num_threads(cfg.threads)
     spec = base_spec(cfg)

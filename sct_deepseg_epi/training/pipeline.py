@@ -67,7 +67,12 @@ def configure(args: argparse.Namespace) -> tuple[TrainConfig, list | None]:
         tr_net = dict(ispec.extra.get("training", {}).get("config", {}).get("net", {}))
         tr_net.update(in_channels=ispec.in_channels, widths=tuple(tr_net.get("widths", NetConfig().widths)))
         net = NetConfig(**tr_net)
-        init_states = [onnx_to_torch(p, net).state_dict() for p in ispec.member_paths()]
+        # members assembled from different networks record their own (training.members[i].config.net)
+        recs = ispec.extra.get("training", {}).get("members", [])
+        nets = [NetConfig(**{**net.as_dict(), **r.get("config", {}).get("net", {}), "in_channels": ispec.in_channels,
+                             "widths": tuple(r.get("config", {}).get("net", {}).get("widths", net.widths))})
+                for r in recs] if len(recs) == len(ispec.members) else [net] * len(ispec.members)
+        init_states = [(n, onnx_to_torch(p, n).state_dict()) for n, p in zip(nets, ispec.member_paths())]
         cfg = replace(cfg, net=net, spacing_mm=ispec.spacing_mm[0], context_slices=ispec.context_slices,
                       epochs=4, lr=5e-4, freeze_bn=True, n_volumes=1000)
         log.info("fine-tuning %s (%d members) from %s", ispec.ref, len(init_states), folder)
@@ -117,8 +122,8 @@ def train(args: argparse.Namespace, command: str) -> Path:
         cfg = ck["cfg"]
         spec = base_spec(cfg, args.name, args.version)
         models = []
-        for sd in ck["states"]:
-            m = UNet(cfg.net)
+        for i, sd in enumerate(ck["states"]):
+            m = UNet(ck["nets"][i] if ck.get("nets") else cfg.net)
             m.load_state_dict(sd)
             models.append(m.eval())
         results_meta = ck["members"]
@@ -130,12 +135,13 @@ def train(args: argparse.Namespace, command: str) -> Path:
         results = train_ensemble(sources, cfg, real_dice if real else None, init_states)
         models = [r.model for r in results]
         results_meta = [{"fold": r.fold, "train_sources": r.train_sources, "heldout_sources": r.heldout_sources,
-                         "history": r.history, "seconds": r.seconds} for r in results]
+                         "history": r.history, "seconds": r.seconds, "net": r.model.cfg.as_dict()} for r in results]
         train_seconds = time.perf_counter() - t_start
         train_device = f"{cfg.device} ({torch.cuda.get_device_name(0) if cfg.device.startswith('cuda') else platform.processor() or platform.machine()}, {cfg.threads} threads)"
         train_command = command
         if args.checkpoint:
-            torch.save({"cfg": cfg, "states": [m.state_dict() for m in models], "members": results_meta,
+            torch.save({"cfg": cfg, "states": [m.state_dict() for m in models], "nets": [m.cfg for m in models],
+                        "members": results_meta,
                         "seconds": train_seconds, "device": train_device, "command": train_command},
                        args.checkpoint)
 
