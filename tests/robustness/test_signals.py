@@ -44,7 +44,14 @@ def _start(setup, out, name="long.nii"):
     cmd = [sys.executable, "-m", "sct_deepseg_epi", "-i", str(setup / name), "-o", str(out / "m.nii.gz"),
            "-4d", "each", "-soft", "1", "-roi", "0", "-model", "tiny", "-threads", "1"]
     env = {**os.environ, "SCT_DEEPSEG_EPI_MODELS": str(setup / "models"), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    """The child starts with the default actions: a test run under ``nohup`` (SIGHUP ignored, which
+    the command rightly respects) or with other inherited dispositions still tests the handlers."""
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _parts(out):
