@@ -7,9 +7,9 @@
 Every row trains ONE member with the recipe of the default model (simulated stacks from
 every train-source subject except the held-out ones, seed 0), changing one thing: widths
 and depth, convolutions at full resolution, epochs, loss. One member per row keeps the
-study affordable on a CPU and compares like with like; the chosen row is then trained as
-a full ensemble (``sct_deepseg_epi train``) and scored again with
-``benchmarks/validation.py``. The simulated training set is built once and cached.
+study affordable on a CPU and compares like with like; ``-assemble`` then builds a model
+folder from the chosen rows' members, scored again with ``benchmarks/validation.py``. The
+simulated training set is built once and cached.
 
 For each row (z-follow postprocessing, the model's threshold 0.5):
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -130,25 +130,7 @@ def accuracy(folder: Path, data: Path) -> dict:
     for r in rows:
         if r["group"] == "real":
             out[r["image"]] = {"dice": r["dice"], "slice_dice": r["slice_dice"], "missed": r["missed"]}
-    out.update(per_slice_real(folder, data))
-    return out
-
-
-def per_slice_real(folder: Path, data: Path) -> dict:
-    """Worst per-slice Dice on each real series (slices where the reference has cord)."""
-    import validation as v
-
-    import sct_deepseg_epi as sde
-    from sct_deepseg_epi import metrics
-    from sct_deepseg_epi.read import from_image, read_volume
-
-    out = {}
-    for name, img, ref in v.REAL:
-        seg = sde.segment(str(data / img), model=str(folder), threads=1)
-        m = from_image(seg.mask, name).data > 0
-        r = read_volume(data / ref).data > 0.5
-        d = [metrics.dice(m[:, :, k], r[:, :, k]) for k in range(r.shape[2]) if r[:, :, k].any()]
-        out[f"{name} worst slice"] = float(min(d))
+            out[f"{r['image']} worst slice"] = r["worst_slice"]
     return out
 
 
@@ -193,8 +175,9 @@ def assemble(rows: list[str], study: Path, data: Path, out: Path, *, name: str, 
     """One model folder from the first member of several study rows (members may differ in
     width, depth and loss: the engine runs each member's own graph; the input contract must
     be the same). Each member keeps its row's training record; the sources are hashed here."""
-    import hashlib
     import shutil
+
+    import torch
 
     from sct_deepseg_epi import __version__
     from sct_deepseg_epi.registry.manifest import SCHEMA_VERSION, load_manifest, spec_to_dict, write_manifest
@@ -203,7 +186,7 @@ def assemble(rows: list[str], study: Path, data: Path, out: Path, *, name: str, 
     from sct_deepseg_epi.training.export import model_card
 
     specs = [load_manifest(study / slug(r) / "model") for r in rows]
-    contract = [{k: v for k, v in spec_to_dict(sp)["backend"].items()} for sp in specs]
+    contract = [spec_to_dict(sp)["backend"] for sp in specs]
     if any(c != contract[0] for c in contract):
         raise SystemExit("assemble: the rows' input contracts differ; they cannot share one ensemble")
     out.mkdir(parents=True, exist_ok=False)
@@ -220,15 +203,13 @@ def assemble(rows: list[str], study: Path, data: Path, out: Path, *, name: str, 
         diffs.append(sp.extra["provenance"]["parity_max_abs_diff"])
     pairs = [p for p in discover(data) if p.group not in HELDOUT_GROUPS]
     src_rows = [{"name": p.name, "image": str(p.image.relative_to(data)), "sha256": p.sha256,
-                 "mask_sha256": hashlib.sha256(p.mask.read_bytes()).hexdigest(), "fold": "all"} for p in pairs]
+                 "mask_sha256": sha256_file(p.mask), "fold": "all"} for p in pairs]
     first = specs[0].extra["training"]
     training = {"command": command, "config": first["config"], "device": first["device"],
                 "seconds": round(sum(r["seconds"] for r in recs), 1),
                 "notes": "members are study rows (benchmarks/capacity_study.py), each trained once on every source",
                 "sources": src_rows, "members": recs,
                 "parameters_per_member": [r["parameters"] for r in recs], "init_model": None}
-    import torch
-
     provenance = {"package_version": __version__, "torch": torch.__version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parity_max_abs_diff": max(diffs)}
     d = spec_to_dict(specs[0])
@@ -281,8 +262,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.assemble:
         notes = Path(a.card_notes).read_text(encoding="utf-8") if a.card_notes else ""
-        cmd = "python benchmarks/capacity_study.py " + " ".join(f"-assemble '{r}'" for r in a.assemble) + \
-            f" -model-out {a.model_out} -name {a.name} -version {a.version}"
+        cmd = "python benchmarks/capacity_study.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         print(assemble(a.assemble, Path(a.o), Path(a.data), Path(a.model_out), name=a.name, version=a.version,
                        notes=notes, command=cmd))
         return 0
