@@ -27,6 +27,7 @@ from nibabel.orientations import apply_orientation
 
 from .confidence import neighbour_median, slice_axis
 from .errors import InputError
+from .metrics import dice
 from .ndimage import label
 from .postprocess import fill_holes
 from .read import READ_ERRORS, Volume, load_nifti, one_line
@@ -245,10 +246,6 @@ def prompt_maps(prob: np.ndarray, prompts, zooms, o: ZFollowOptions, rerun) -> t
     return prob, effects, maps
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
-
-
 def _signed_distance(m: np.ndarray, zooms) -> np.ndarray:
     """Distance (mm) from each pixel centre to the mask's edge: negative inside, positive outside."""
     pts = np.argwhere(np.ones(m.shape, bool)) * np.asarray(zooms[:2])
@@ -298,7 +295,7 @@ def apply_prompts(res: ZFollowResult, prompts, zooms, o: ZFollowOptions) -> ZFol
             # an outline close to the neighbours' cord placed at the point (the windows' maximum's if it is,
             # else the closest), pulled towards that shape; none: the network sees something else there
             # (a ghost, the signal loss) and the neighbours' shape is the better guess
-            agree = [_dice(c, prior) for c in outlines]
+            agree = [dice(c, prior) for c in outlines]
             if agree and agree[0] >= PROMPT_AGREE:
                 comp, how = _blend(outlines[0], prior, (x, y), zooms), "outline"
             elif agree and max(agree) >= PROMPT_AGREE:
