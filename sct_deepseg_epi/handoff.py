@@ -243,9 +243,6 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     if seg is not None:
         seg = Path(seg).resolve()
         check_same_grid(load_nifti(seg), str(seg), img, str(bold))
-    spec = api.load_model(model)  # an unknown model stops here, before any step
-    model_file = spec.directory / "manifest.json"  # a new model version makes the segmentations stale
-    options = options or api.Options()
     stem = Path(strip_nifti_suffix(bold.name)).name
     mask_kind = "cord" if moco == "dl" else "cylinder"
     moco_out = sct_moco.outputs(moco, folder, stem)
@@ -271,9 +268,14 @@ def fmri_pipeline(bold: Path | str, ofolder: Path | str | None = None, *, seg: P
     made = make_folders(folder)
     try:
         check_outputs({k: v for k, v in written.items() if k != "levels"})
-    except InputError:
+        # an unknown model stops here, before any step; after the checks, so that a refused
+        # output costs no model download
+        spec = api.load_model(model)
+    except BaseException:
         remove_folders(made)  # a failed check leaves no new folder behind, at any level
         raise
+    model_file = spec.directory / "manifest.json"  # a new model version makes the segmentations stale
+    options = options or api.Options()
     steps = _Steps(folder, force, run_command)
     qc_args = ["-qc", str(Path(qc).resolve())] if qc else []
     qc_args += (["-qc-dataset", qc_dataset] if qc and qc_dataset else []) + (["-qc-subject", qc_subject] if qc and qc_subject else [])

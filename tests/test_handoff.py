@@ -329,3 +329,16 @@ def test_command_message_is_the_exception_of_a_traceback_not_sct_s_closing_line(
                                              "them using: sct_download_data -d moco-dl_models.")
     assert handoff._command_message(f"Traceback (most recent call last):\nKeyboardInterrupt\n{end}") == "KeyboardInterrupt"
     assert handoff._command_message("a\nERROR: bad input\nb") == "ERROR: bad input"
+
+
+def test_a_refused_output_is_refused_before_the_model_is_loaded(fake_sct, pam50, series, monkeypatch):
+    from sct_deepseg_epi import api
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("model loaded (or downloaded) first"))
+    seg = series.parent / "mask_fmri_cord.nii.gz"  # -s is where -moco dl writes its cord mask
+    img = nib.load(str(series))
+    _save((np.asarray(img.dataobj)[..., 0] > 0).astype(np.uint8), img.affine, seg)
+    with pytest.raises(InputError, match="the mask path is the input"):
+        handoff.fmri_pipeline(series, seg=seg, model="not-installed", template=pam50, moco="dl")
+    assert _calls(fake_sct) == [] and sorted(p.name for p in series.parent.iterdir()) == [
+        "fmri.nii.gz", "mask_fmri_cord.nii.gz"]
